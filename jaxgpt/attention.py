@@ -1,0 +1,117 @@
+"""Causal self-attention, written for one head of one sequence and vmapped over heads and batch.
+
+The one-head function is the textbook `softmax(Q Kᵀ / √d_k) V` with a causal mask. Everything
+else (several heads, a batch, a KV cache, left-padded prompts) only changes *which* keys a query may
+see, and that is described by two numbers per row:
+
+* `q_offset`: the cache slot of the first query (0 without a cache); query t sits at slot
+  `q_offset + t`.
+* `kv_start_B`: the first valid key slot of each row (> 0 for a left-padded prompt).
+
+Query slot i may attend to key slot j iff `kv_start ≤ j ≤ i`. The same two numbers drive the fused
+backends, so every backend computes the same function.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.errors import ConfigError
+
+# A large negative score rather than -inf, so a fully masked row (a padding query) gives a uniform
+# distribution instead of NaN; its output is never read.
+_MASKED = -1e30
+
+
+def attention_mask(q_offset: jax.Array | int, T: int, S: int, kv_start_B: jax.Array) -> jax.Array:
+    """Boolean mask `[B, T, S]`: may query t (slot q_offset + t) attend to key slot s?"""
+    q_slot_T = q_offset + jnp.arange(T)
+    s_S = jnp.arange(S)
+    causal_TS = s_S[None, :] <= q_slot_T[:, None]
+    valid_BS = s_S[None, :] >= kv_start_B[:, None]
+    return causal_TS[None, :, :] & valid_BS[:, None, :]
+
+
+def attention_head(
+    q_TK: jax.Array,
+    k_SK: jax.Array,
+    v_SK: jax.Array,
+    mask_TS: jax.Array,
+    keep_TS: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """One head of one sequence: `softmax(Q Kᵀ / √d_k) V`.
+
+    Args:
+      q_TK, k_SK, v_SK: queries, keys and values of one head (K = head width).
+      mask_TS: True where query t may attend to key s.
+      keep_TS: dropout keep-mask on the attention probabilities (training), or None.
+      dropout_rate: the rate `keep_TS` was drawn with (kept values are scaled by 1 / (1 - rate)).
+
+    Returns:
+      out_TK, the weighted sum of values, and probs_TS, the attention weights (rows sum to 1).
+    """
+    scale = 1.0 / jnp.sqrt(jnp.float32(q_TK.shape[-1]))
+    # Scores and softmax in float32 even when Q and K are bfloat16.
+    scores_TS = jnp.einsum("tk,sk->ts", q_TK, k_SK, preferred_element_type=jnp.float32) * scale
+    scores_TS = jnp.where(mask_TS, scores_TS, _MASKED)
+    probs_TS = jax.nn.softmax(scores_TS, axis=-1)
+    weights_TS = probs_TS
+    if keep_TS is not None:
+        weights_TS = jnp.where(keep_TS, probs_TS / (1.0 - dropout_rate), 0.0)
+    out_TK = jnp.einsum("ts,sk->tk", weights_TS.astype(v_SK.dtype), v_SK)
+    return out_TK, probs_TS
+
+
+# Over heads (mask shared by all heads of a row), then over the batch.
+_attention_heads = jax.vmap(attention_head, in_axes=(0, 0, 0, None, 0, None))
+_attention_batch = jax.vmap(_attention_heads, in_axes=(0, 0, 0, 0, 0, None))
+
+
+def reference_attention(
+    q_BHTK: jax.Array,
+    k_BHSK: jax.Array,
+    v_BHSK: jax.Array,
+    *,
+    q_offset: jax.Array | int = 0,
+    kv_start_B: jax.Array | None = None,
+    keep_BHTS: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """The XLA path: `attention_head` vmapped over heads and batch.
+
+    Returns out_BHTK and the attention probabilities probs_BHTS.
+    """
+    B, _, T, _ = q_BHTK.shape
+    S = k_BHSK.shape[2]
+    if kv_start_B is None:
+        kv_start_B = jnp.zeros((B,), jnp.int32)
+    mask_BTS = attention_mask(q_offset, T, S, kv_start_B)
+    return _attention_batch(q_BHTK, k_BHSK, v_BHSK, mask_BTS, keep_BHTS, dropout_rate)
+
+
+def multi_head_attention(
+    q_BHTK: jax.Array,
+    k_BHSK: jax.Array,
+    v_BHSK: jax.Array,
+    *,
+    backend: str = "xla",
+    q_offset: jax.Array | int = 0,
+    kv_start_B: jax.Array | None = None,
+    keep_BHTS: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+) -> jax.Array:
+    """Causal attention over all heads of a batch with the chosen backend; returns out_BHTK."""
+    if backend == "xla":
+        out_BHTK, _ = reference_attention(
+            q_BHTK,
+            k_BHSK,
+            v_BHSK,
+            q_offset=q_offset,
+            kv_start_B=kv_start_B,
+            keep_BHTS=keep_BHTS,
+            dropout_rate=dropout_rate,
+        )
+        return out_BHTK
+    raise ConfigError(f"attention backend {backend!r} is not available; use 'xla'")

@@ -1,0 +1,55 @@
+"""What several subcommands share: turning a MODEL argument into (config, params, tokenizer)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxgpt.config import PRESETS, GPTConfig, get_preset
+from jaxgpt.errors import CheckpointFormatError
+from jaxgpt.params import Params, init_params
+from jaxgpt.tokenizer import Tokenizer, get_tokenizer
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    config: GPTConfig
+    params: Params
+    tokenizer: Tokenizer
+    source: str  # a human-readable description of where the weights came from
+
+
+def load_model(spec: str, *, seed: int = 0, **overrides: Any) -> LoadedModel:
+    """MODEL as the CLI takes it: a preset name (random weights), a Hugging Face GPT-2 directory
+    (or cached hub name), or a jaxgpt training run directory (its latest checkpoint)."""
+    if spec in PRESETS:
+        config = get_preset(spec, **overrides)
+        print(
+            f"WARNING: {spec!r} is a preset with RANDOM weights (seed {seed}); its output is "
+            f"noise. Pass a Hugging Face GPT-2 directory or a training run directory for a "
+            f"trained model.",
+            file=sys.stderr,
+        )
+        params = init_params(config, jax.random.key(seed))
+        tokenizer = get_tokenizer("gpt2")
+        if config.vocab_size < tokenizer.n_vocab:
+            raise CheckpointFormatError(
+                f"preset {spec!r} has vocab_size {config.vocab_size}, smaller than GPT-2's "
+                f"tokenizer ({tokenizer.n_vocab}); use it through a training run instead"
+            )
+        return LoadedModel(config, params, tokenizer, f"preset {spec} (random weights)")
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        from jaxgpt.checkpoint import is_run_dir, load_run_for_inference
+
+        if is_run_dir(path):
+            config, params, tokenizer, description = load_run_for_inference(path, **overrides)
+            return LoadedModel(config, params, tokenizer, description)
+    from jaxgpt.pretrained import load_hf
+
+    config, params = load_hf(spec, **overrides)
+    return LoadedModel(config, params, get_tokenizer("gpt2"), f"Hugging Face checkpoint {spec}")

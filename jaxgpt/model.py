@@ -1,0 +1,344 @@
+"""The GPT-2 forward pass as pure functions over the params pytree (see `jaxgpt.params`).
+
+Read top to bottom, this file follows a prompt through the model:
+
+    tokens [B, T]
+      → embed: token + position embeddings              x_BTD
+      → per block:  LayerNorm → causal self-attention → residual add
+                    LayerNorm → MLP (4×, GELU)         → residual add
+      → final LayerNorm
+      → logits over the vocabulary (tied to the token embedding)   logits_BTV
+
+Attention and the MLP are written for one head / one position and `jax.vmap`ped (see
+`jaxgpt.attention`). The residual stream is kept in float32; matmuls run in `config.dtype`;
+LayerNorm statistics and the softmax always run in float32.
+
+The same block functions serve training (`forward`), the KV-cache decoder (`forward_cached`,
+used by `jaxgpt.decode`) and the trace (`forward(..., capture=True)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.attention import multi_head_attention, reference_attention
+from jaxgpt.config import GPTConfig
+from jaxgpt.errors import InputError
+from jaxgpt.params import Params, check_params
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_BHSK, v_BHSK)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def linear(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`x @ kernel + bias` computed in `dtype`."""
+    y = jnp.matmul(x.astype(dtype), p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, statistics in float32; returns float32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"]
+    if "bias" in p:
+        y = y + p["bias"]
+    return y
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when `key` is None or the rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- 1. embeddings
+
+
+def embed(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    """Token embedding + position embedding: the initial residual stream x_BTD (float32)."""
+    return params["wte"][tokens_BT] + params["wpe"][positions_BT]
+
+
+# --------------------------------------------------------------------------- 2. attention
+
+
+def project_qkv_head(
+    x_TD: jax.Array, kernel_D3K: jax.Array, bias_3K: jax.Array | None, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Q, K and V of one head for one sequence: three `[T, K]` projections of x_TD."""
+    qkv_3TK = jnp.einsum("td,dck->ctk", x_TD.astype(dtype), kernel_D3K.astype(dtype))
+    if bias_3K is not None:
+        qkv_3TK = qkv_3TK + bias_3K[:, None, :].astype(dtype)
+    return qkv_3TK[0], qkv_3TK[1], qkv_3TK[2]
+
+
+def project_qkv(
+    p: Params, x_BTD: jax.Array, config: GPTConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Q, K, V for every head of every sequence: three `[B, H, T, K]` arrays.
+
+    GPT-2 stores the projections fused as `c_attn` `[D, 3D]` (columns Q | K | V, each split into
+    H heads of width K); viewed as `[D, 3, H, K]`, head h's weights are `[:, :, h, :]`.
+    """
+    H, K = config.n_head, config.head_dim
+    kernel_D3HK = p["c_attn"]["kernel"].reshape(-1, 3, H, K)
+    bias_3HK = p["c_attn"]["bias"].reshape(3, H, K) if "bias" in p["c_attn"] else None
+    over_heads = jax.vmap(
+        project_qkv_head,
+        in_axes=(None, 2, None if bias_3HK is None else 1, None),
+    )
+    over_batch = jax.vmap(over_heads, in_axes=(0, None, None, None))
+    return over_batch(x_BTD, kernel_D3HK, bias_3HK, config.compute_dtype)
+
+
+def causal_self_attention(
+    p: Params,
+    x_BTD: jax.Array,
+    config: GPTConfig,
+    *,
+    q_offset: jax.Array | int = 0,
+    kv_start_B: jax.Array | None = None,
+    cache: tuple[jax.Array, jax.Array] | None = None,
+    key: jax.Array | None = None,
+    capture: dict | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Multi-head causal self-attention of a block; returns (out_BTD, updated cache).
+
+    With a cache `(k_BHSK, v_BHSK)`, this call's keys and values are written at slots
+    `q_offset ... q_offset + T - 1` and the queries attend over the whole cache.
+    """
+    B, T, D = x_BTD.shape
+    q_BHTK, k_BHTK, v_BHTK = project_qkv(p, x_BTD, config)
+    if cache is not None:
+        k_cache, v_cache = cache
+        start = (0, 0, q_offset, 0)
+        k_BHSK = jax.lax.dynamic_update_slice(k_cache, k_BHTK.astype(k_cache.dtype), start)
+        v_BHSK = jax.lax.dynamic_update_slice(v_cache, v_BHTK.astype(v_cache.dtype), start)
+        cache = (k_BHSK, v_BHSK)
+    else:
+        k_BHSK, v_BHSK = k_BHTK, v_BHTK
+
+    keep_BHTS = None
+    if key is not None and config.attn_dropout > 0.0:
+        S = k_BHSK.shape[2]
+        keep_BHTS = jax.random.bernoulli(key, 1.0 - config.attn_dropout, (B, config.n_head, T, S))
+
+    if capture is not None:
+        # The trace needs the attention weights, which only the reference path materialises.
+        out_BHTK, probs_BHTS = reference_attention(
+            q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B,
+            keep_BHTS=keep_BHTS, dropout_rate=config.attn_dropout,
+        )  # fmt: skip
+        capture.update(q=q_BHTK, k=k_BHTK, v=v_BHTK, att=probs_BHTS, heads=out_BHTK)
+    else:
+        out_BHTK = multi_head_attention(
+            q_BHTK, k_BHSK, v_BHSK, backend=config.attention, q_offset=q_offset,
+            kv_start_B=kv_start_B, keep_BHTS=keep_BHTS, dropout_rate=config.attn_dropout,
+        )  # fmt: skip
+    # Concatenate the heads back into the residual width, then mix them with c_proj.
+    out_BTD = out_BHTK.transpose(0, 2, 1, 3).reshape(B, T, D)
+    return linear(p["c_proj"], out_BTD, config.compute_dtype), cache
+
+
+# --------------------------------------------------------------------------- 3. MLP
+
+
+def mlp_position(p: Params, x_D: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """The feed-forward network at one position: D → 4D (GELU, tanh form as in GPT-2) → D.
+
+    Returns the output `[D]` and the hidden activation `[4D]`.
+    """
+    h_F = jax.nn.gelu(linear(p["c_fc"], x_D, dtype), approximate=True)
+    return linear(p["c_proj"], h_F, dtype), h_F
+
+
+def mlp(p: Params, x_BTD: jax.Array, config: GPTConfig) -> tuple[jax.Array, jax.Array]:
+    """`mlp_position` vmapped over positions and batch; returns (out_BTD, hidden_BTF)."""
+    over_positions = jax.vmap(mlp_position, in_axes=(None, 0, None))
+    over_batch = jax.vmap(over_positions, in_axes=(None, 0, None))
+    return over_batch(p, x_BTD, config.compute_dtype)
+
+
+# --------------------------------------------------------------------------- 4. a block
+
+
+def block(
+    p: Params,
+    x_BTD: jax.Array,
+    config: GPTConfig,
+    *,
+    q_offset: jax.Array | int = 0,
+    kv_start_B: jax.Array | None = None,
+    cache: tuple[jax.Array, jax.Array] | None = None,
+    key: jax.Array | None = None,
+    capture: dict | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One transformer block (pre-LayerNorm): x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+    k_attn, k_resid1, k_resid2 = jax.random.split(key, 3) if key is not None else (None,) * 3
+    eps = config.layer_norm_epsilon
+
+    h_BTD = layer_norm(p["ln_1"], x_BTD, eps)
+    attn_BTD, cache = causal_self_attention(
+        p["attn"], h_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B, cache=cache,
+        key=k_attn, capture=capture,
+    )  # fmt: skip
+    attn_BTD = dropout(attn_BTD, config.resid_dropout, k_resid1)
+    x_mid_BTD = x_BTD + attn_BTD.astype(jnp.float32)
+
+    h2_BTD = layer_norm(p["ln_2"], x_mid_BTD, eps)
+    mlp_BTD, hidden_BTF = mlp(p["mlp"], h2_BTD, config)
+    mlp_BTD = dropout(mlp_BTD, config.resid_dropout, k_resid2)
+    x_out_BTD = x_mid_BTD + mlp_BTD.astype(jnp.float32)
+
+    if capture is not None:
+        capture.update(
+            x_in=x_BTD, ln_1=h_BTD, attn_out=attn_BTD, x_mid=x_mid_BTD, ln_2=h2_BTD,
+            mlp_hidden=hidden_BTF, mlp_out=mlp_BTD, x_out=x_out_BTD,
+        )  # fmt: skip
+    return x_out_BTD, cache
+
+
+# --------------------------------------------------------------------------- 5. logits
+
+
+def unembed(params: Params, x_BTD: jax.Array, config: GPTConfig) -> jax.Array:
+    """Final LayerNorm, then logits over the vocabulary with the tied token embedding (float32)."""
+    h_BTD = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+    dtype = config.compute_dtype
+    # Contract directly against wte [V, D]: no transposed copy of the embedding.
+    return jnp.einsum(
+        "btd,vd->btv", h_BTD.astype(dtype), params["wte"].astype(dtype),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the whole model
+
+
+def check_tokens(tokens: Any, config: GPTConfig, *, max_len: int | None = None) -> None:
+    """Raise a clear error for tokens of the wrong rank, dtype, length or range.
+
+    Values are checked only when they are concrete (not inside `jit`).
+    """
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        raise InputError(f"tokens must be an integer array of shape [B, T], got {type(tokens)}")
+    if len(tokens.shape) != 2:
+        raise InputError(f"tokens must have shape [B, T] (rank 2), got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise InputError(f"tokens must have an integer dtype, got {tokens.dtype}")
+    limit = config.block_size if max_len is None else max_len
+    if tokens.shape[1] > limit:
+        raise InputError(
+            f"sequence length {tokens.shape[1]} exceeds the model's block_size {limit}; "
+            f"truncate the input to its last {limit} tokens"
+        )
+    if tokens.shape[1] == 0:
+        raise InputError("tokens is empty: at least one token per sequence is needed")
+    if not isinstance(tokens, jax.core.Tracer):
+        values = np.asarray(tokens)
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"token id {bad} is outside the vocabulary [0, {config.vocab_size - 1}]"
+            )
+
+
+def forward(
+    params: Params,
+    tokens_BT: jax.Array,
+    config: GPTConfig,
+    *,
+    train: bool = False,
+    key: jax.Array | None = None,
+    capture: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """GPT-2: int tokens `[B, T]` → float32 logits `[B, T, V]`.
+
+    Args:
+      params: the pytree from `init_params` / `load_hf`.
+      tokens_BT: token ids, T ≤ config.block_size.
+      config: the model's `GPTConfig` (static under `jit`).
+      train: enable dropout (needs `key`).
+      key: PRNG key for dropout.
+      capture: also return every intermediate of the pass (embeddings, per-layer Q/K/V, attention
+        weights `[B, H, T, T]`, MLP activations, residual stream, final LayerNorm) as a dict.
+
+    Jit it with `jax.jit(forward, static_argnames=("config", "train", "capture"))`.
+    """
+    check_tokens(tokens_BT, config)
+    check_params(params, config)
+    if (
+        train
+        and key is None
+        and max(config.embd_dropout, config.attn_dropout, config.resid_dropout)
+    ):
+        raise InputError("forward(train=True) with dropout needs a PRNG key: pass key=...")
+    key = key if train else None
+    B, T = tokens_BT.shape
+    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+    keys = (
+        jax.random.split(key, config.n_layer + 1)
+        if key is not None
+        else [None] * (config.n_layer + 1)
+    )
+    x_BTD = embed(params, tokens_BT, positions_BT)
+    captured: dict[str, Any] = {"x_embed": x_BTD, "layers": []} if capture else {}
+    x_BTD = dropout(x_BTD, config.embd_dropout, keys[0])
+    for layer_params, layer_key in zip(params["blocks"], keys[1:]):
+        layer_capture = {} if capture else None
+        x_BTD, _ = block(layer_params, x_BTD, config, key=layer_key, capture=layer_capture)
+        if capture:
+            captured["layers"].append(layer_capture)
+    logits_BTV = unembed(params, x_BTD, config)
+    if capture:
+        captured["ln_f"] = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+        captured["logits"] = logits_BTV
+        return logits_BTV, captured
+    return logits_BTV
+
+
+def forward_cached(
+    params: Params,
+    tokens_BT: jax.Array,
+    config: GPTConfig,
+    cache: KVCache,
+    q_offset: jax.Array | int,
+    kv_start_B: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """Inference with a KV cache: run `tokens_BT` at cache slots `q_offset ... q_offset+T-1`.
+
+    Row b's sequence begins at slot `kv_start_B[b]` (left padding before it is never attended to),
+    so its positions are `slot - kv_start_B[b]`. Returns logits_BTV and the updated cache.
+    """
+    T = tokens_BT.shape[1]
+    slots_T = q_offset + jnp.arange(T)
+    positions_BT = jnp.maximum(slots_T[None, :] - kv_start_B[:, None], 0)
+    x_BTD = embed(params, tokens_BT, positions_BT)
+    new_cache = []
+    for layer_params, layer_cache in zip(params["blocks"], cache):
+        x_BTD, layer_cache = block(
+            layer_params, x_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B, cache=layer_cache
+        )
+        new_cache.append(layer_cache)
+    return unembed(params, x_BTD, config), new_cache
+
+
+def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An empty KV cache: per layer, zeros `k_BHSK` and `v_BHSK` with S = max_len."""
+    dtype = config.compute_dtype if dtype is None else dtype
+    shape = (batch, config.n_head, max_len, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]

@@ -1,0 +1,174 @@
+"""The parameter pytree: its structure, GPT-2's initialisation, and a per-component count.
+
+`init_params(config, key)` returns plain nested dicts of arrays (a list for the blocks)::
+
+    {
+      "wte": [V, D]          token embedding; also the output projection (tied)
+      "wpe": [T_max, D]      position embedding
+      "blocks": [            one dict per layer, L of them
+        {
+          "ln_1": {"scale": [D], "bias": [D]},
+          "attn": {"c_attn": {"kernel": [D, 3D], "bias": [3D]},   fused Q, K, V projections
+                   "c_proj": {"kernel": [D, D],  "bias": [D]}},   heads concatenated -> D
+          "ln_2": {"scale": [D], "bias": [D]},
+          "mlp":  {"c_fc":   {"kernel": [D, 4D], "bias": [4D]},
+                   "c_proj": {"kernel": [4D, D], "bias": [D]}},
+        }, ...
+      ],
+      "ln_f": {"scale": [D], "bias": [D]},
+    }
+
+Kernels are `[in, out]`, which is also the layout of GPT-2's own Conv1D weights, so checkpoints map
+one to one. The columns of `c_attn` are Q, K, V in that order, each split into heads of width
+K = D / H. Without biases (`use_bias=False`) every "bias" entry is absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.errors import InputError
+
+Params = dict[str, Any]
+
+INIT_STD = 0.02
+
+
+def _linear(key: jax.Array, d_in: int, d_out: int, std: float, use_bias: bool) -> Params:
+    layer = {"kernel": jax.nn.initializers.normal(std)(key, (d_in, d_out), jnp.float32)}
+    if use_bias:
+        layer["bias"] = jnp.zeros((d_out,), jnp.float32)
+    return layer
+
+
+def _layer_norm(d: int, use_bias: bool) -> Params:
+    norm = {"scale": jnp.ones((d,), jnp.float32)}
+    if use_bias:
+        norm["bias"] = jnp.zeros((d,), jnp.float32)
+    return norm
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> Params:
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm scales.
+
+    The two projections that write into the residual stream (attention and MLP `c_proj`) use
+    std 0.02 / sqrt(2 · n_layer), so the stream's variance does not grow with depth.
+    """
+    D, L = config.n_embd, config.n_layer
+    bias = config.use_bias
+    resid_std = INIT_STD / math.sqrt(2 * L)
+    k_wte, k_wpe, *k_blocks = jax.random.split(key, 2 + L)
+    normal = jax.nn.initializers.normal(INIT_STD)
+    blocks = []
+    for k_block in k_blocks:
+        k_attn, k_attn_proj, k_fc, k_mlp_proj = jax.random.split(k_block, 4)
+        blocks.append(
+            {
+                "ln_1": _layer_norm(D, bias),
+                "attn": {
+                    "c_attn": _linear(k_attn, D, 3 * D, INIT_STD, bias),
+                    "c_proj": _linear(k_attn_proj, D, D, resid_std, bias),
+                },
+                "ln_2": _layer_norm(D, bias),
+                "mlp": {
+                    "c_fc": _linear(k_fc, D, 4 * D, INIT_STD, bias),
+                    "c_proj": _linear(k_mlp_proj, 4 * D, D, resid_std, bias),
+                },
+            }
+        )
+    return {
+        "wte": normal(k_wte, (config.vocab_size, D), jnp.float32),
+        "wpe": normal(k_wpe, (config.block_size, D), jnp.float32),
+        "blocks": blocks,
+        "ln_f": _layer_norm(D, bias),
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def param_shapes(config: GPTConfig) -> Params:
+    """The params pytree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+
+
+def param_table(config: GPTConfig) -> list[tuple[str, str, int]]:
+    """Parameter counts per component: rows of (component, shape, count), then the total.
+
+    The output projection is tied to the token embedding, so it adds nothing.
+    """
+    shapes = param_shapes(config)
+    D, L = config.n_embd, config.n_layer
+
+    def count(tree: Any) -> int:
+        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+    def shape_of(tree: Any) -> str:
+        """Weight shapes by name, e.g. "c_fc 768x3072, c_proj 3072x768 (+ biases)"."""
+        parts, has_bias = [], False
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            names = [getattr(k, "key", str(k)) for k in path]
+            if names and names[-1] == "bias":
+                has_bias = True
+                continue
+            label = names[-2] if len(names) > 1 and names[-1] == "kernel" else ".".join(names)
+            parts.append(f"{label} {'x'.join(map(str, leaf.shape))}".strip())
+        return ", ".join(parts) + (" (+ biases)" if has_bias else "")
+
+    block = shapes["blocks"][0]
+    rows = [
+        (
+            "token embedding (wte, tied to the output)",
+            shape_of(shapes["wte"]),
+            count(shapes["wte"]),
+        ),
+        ("position embedding (wpe)", shape_of(shapes["wpe"]), count(shapes["wpe"])),
+        (f"attention (c_attn + c_proj) x {L}", shape_of(block["attn"]), L * count(block["attn"])),
+        (f"MLP (c_fc + c_proj) x {L}", shape_of(block["mlp"]), L * count(block["mlp"])),
+        (
+            f"layer norms (2 x {L} + final)",
+            shape_of(block["ln_1"]),
+            L * (count(block["ln_1"]) + count(block["ln_2"])) + count(shapes["ln_f"]),
+        ),
+    ]
+    total = count(shapes)
+    assert total == sum(r[2] for r in rows), "param_table misses a component"
+    rows.append(("total", f"D={D}, L={L}, H={config.n_head}", total))
+    return rows
+
+
+def count_params(config: GPTConfig, *, non_embedding: bool = False) -> int:
+    """Number of parameters; `non_embedding=True` leaves out wte and wpe (as in scaling laws)."""
+    total = param_table(config)[-1][2]
+    if non_embedding:
+        total -= (config.vocab_size + config.block_size) * config.n_embd
+    return total
+
+
+def check_params(params: Params, config: GPTConfig) -> None:
+    """Raise a clear error if `params` does not have the structure and shapes `config` implies."""
+    expected = param_shapes(config)
+    exp_paths = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    try:
+        got_paths = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    except Exception as err:  # a non-pytree argument
+        raise InputError(f"params must be the pytree from init_params/load_hf: {err}") from err
+    missing = [jax.tree_util.keystr(p) for p in exp_paths if p not in got_paths]
+    extra = [jax.tree_util.keystr(p) for p in got_paths if p not in exp_paths]
+    if missing or extra:
+        raise InputError(
+            "params do not match the config "
+            f"(n_layer={config.n_layer}, use_bias={config.use_bias}): "
+            f"missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for path, want in exp_paths.items():
+        got = got_paths[path]
+        if tuple(got.shape) != tuple(want.shape):
+            raise InputError(
+                f"params{jax.tree_util.keystr(path)} has shape {tuple(got.shape)}, "
+                f"but the config implies {tuple(want.shape)}"
+            )

@@ -1,0 +1,234 @@
+"""Hugging Face GPT-2 checkpoints ⇄ jaxgpt params.
+
+GPT-2's `Conv1D` stores weights as `[in, out]` — the same layout as jaxgpt's kernels — so no
+transposes are needed; the fused `c_attn` `[D, 3D]` keeps its Q | K | V column order. The output
+head `lm_head` is tied to `wte` and is not stored separately.
+
+Reading needs only `safetensors` (numpy); `pytorch_model.bin` files are read with
+`torch.load(weights_only=True)`, which never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.errors import CheckpointFormatError, ConfigError
+from jaxgpt.params import Params, check_params
+
+# jaxgpt leaf path (within one block) → Hugging Face name suffix (within `h.{i}.`).
+_BLOCK_NAMES = {
+    ("ln_1", "scale"): "ln_1.weight",
+    ("ln_1", "bias"): "ln_1.bias",
+    ("attn", "c_attn", "kernel"): "attn.c_attn.weight",
+    ("attn", "c_attn", "bias"): "attn.c_attn.bias",
+    ("attn", "c_proj", "kernel"): "attn.c_proj.weight",
+    ("attn", "c_proj", "bias"): "attn.c_proj.bias",
+    ("ln_2", "scale"): "ln_2.weight",
+    ("ln_2", "bias"): "ln_2.bias",
+    ("mlp", "c_fc", "kernel"): "mlp.c_fc.weight",
+    ("mlp", "c_fc", "bias"): "mlp.c_fc.bias",
+    ("mlp", "c_proj", "kernel"): "mlp.c_proj.weight",
+    ("mlp", "c_proj", "bias"): "mlp.c_proj.bias",
+}
+_TOP_NAMES = {
+    ("wte",): "wte.weight",
+    ("wpe",): "wpe.weight",
+    ("ln_f", "scale"): "ln_f.weight",
+    ("ln_f", "bias"): "ln_f.bias",
+}
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
+    """A `GPTConfig` from a Hugging Face GPT-2 `config.json` dict; non-GPT-2 configs are refused."""
+    model_type = hf.get("model_type")
+    if model_type != "gpt2":
+        raise CheckpointFormatError(
+            f"config.json has model_type {model_type!r}; jaxgpt loads GPT-2 checkpoints "
+            f"(model_type 'gpt2')"
+        )
+    n_embd = hf.get("n_embd", 768)
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new",)),
+        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (
+            hf.get("scale_attn_by_inverse_layer_idx", False),
+            (False,),
+        ),
+        "reorder_and_upcast_attn": (hf.get("reorder_and_upcast_attn", False), (False,)),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+        "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
+    }
+    for key, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise CheckpointFormatError(
+                f"config.json sets {key}={value!r}; jaxgpt supports only GPT-2's {allowed[0]!r}"
+            )
+    fields = dict(
+        vocab_size=hf.get("vocab_size", 50257),
+        block_size=hf.get("n_positions", 1024),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        embd_dropout=hf.get("embd_pdrop", 0.1),
+        attn_dropout=hf.get("attn_pdrop", 0.1),
+        resid_dropout=hf.get("resid_pdrop", 0.1),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+    )
+    fields.update(overrides)
+    try:
+        return GPTConfig(**fields)
+    except ConfigError as err:
+        raise CheckpointFormatError(f"config.json describes an invalid model: {err}") from err
+
+
+def config_to_hf(config: GPTConfig) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict for a jaxgpt config."""
+    if not config.use_bias:
+        raise CheckpointFormatError("Hugging Face GPT-2 has biases; cannot export use_bias=False")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "embd_pdrop": config.embd_dropout,
+        "attn_pdrop": config.attn_dropout,
+        "resid_pdrop": config.resid_dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+    }
+
+
+def _resolve_dir(path: str | Path) -> Path:
+    """A local directory, or a hub model name already in the local Hugging Face cache."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointFormatError(f"{p} is a file; expected a GPT-2 model directory")
+    name = str(path)
+    if name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except ImportError:
+            pass
+        except Exception as err:  # not cached: say so rather than trying the network
+            raise CheckpointFormatError(
+                f"{name!r} is neither a directory nor a model in the local Hugging Face cache "
+                f"(jaxgpt never downloads at load time; fetch it first with "
+                f"`huggingface-cli download {name}`): {err}"
+            ) from err
+    raise CheckpointFormatError(f"model directory {str(path)!r} does not exist")
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    safetensors_file = directory / "model.safetensors"
+    bin_file = directory / "pytorch_model.bin"
+    if safetensors_file.exists():
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(safetensors_file))
+        except Exception as err:
+            raise CheckpointFormatError(f"cannot read {safetensors_file}: {err}") from err
+    if bin_file.exists():
+        import torch
+
+        try:
+            state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointFormatError(f"cannot read {bin_file} safely: {err}") from err
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise CheckpointFormatError(
+        f"{directory} has no model.safetensors or pytorch_model.bin; not a GPT-2 checkpoint"
+    )
+
+
+def load_hf(path: str | Path, **config_overrides: Any) -> tuple[GPTConfig, Params]:
+    """Load a Hugging Face GPT-2 checkpoint → `(GPTConfig, params)`.
+
+    Args:
+      path: a directory with `config.json` and `model.safetensors` (or `pytorch_model.bin`), or a
+        hub model name (e.g. "gpt2") that is already in the local Hugging Face cache.
+      config_overrides: GPTConfig fields to change (e.g. dtype="bfloat16", dropout rates).
+    """
+    directory = _resolve_dir(path)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise CheckpointFormatError(f"{directory} has no config.json; not a GPT-2 checkpoint")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointFormatError(f"{config_file} is not valid JSON: {err}") from err
+    config = config_from_hf(hf_config, **config_overrides)
+    tensors = _read_tensors(directory)
+    # Checkpoints saved from GPT2LMHeadModel prefix names with "transformer."; GPT2Model's don't.
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+
+    def take(name: str) -> jax.Array:
+        if name not in tensors:
+            raise CheckpointFormatError(f"checkpoint in {directory} lacks tensor {name!r}")
+        return jnp.asarray(tensors[name], dtype=jnp.float32)
+
+    def nest(names: dict[tuple[str, ...], str], prefix: str) -> Params:
+        out: Params = {}
+        for path_, name in names.items():
+            node = out
+            for part in path_[:-1]:
+                node = node.setdefault(part, {})
+            node[path_[-1]] = take(prefix + name)
+        return out
+
+    params = nest(_TOP_NAMES, "")
+    params["blocks"] = [nest(_BLOCK_NAMES, f"h.{i}.") for i in range(config.n_layer)]
+    params = {k: params[k] for k in ("wte", "wpe", "blocks", "ln_f")}
+    try:
+        check_params(params, config)
+    except ValueError as err:
+        raise CheckpointFormatError(
+            f"{directory}: tensors do not match config.json: {err}"
+        ) from err
+    return config, params
+
+
+def save_hf(config: GPTConfig, params: Params, path: str | Path) -> Path:
+    """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+    from safetensors.numpy import save_file
+
+    check_params(params, config)
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+
+    def put(tree: Params, names: dict[tuple[str, ...], str], prefix: str) -> None:
+        for path_, name in names.items():
+            leaf = tree
+            for part in path_:
+                leaf = leaf[part]
+            tensors["transformer." + prefix + name] = np.asarray(leaf, dtype=np.float32)
+
+    put(params, _TOP_NAMES, "")
+    for i, block_params in enumerate(params["blocks"]):
+        put(block_params, _BLOCK_NAMES, f"h.{i}.")
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+    return directory
