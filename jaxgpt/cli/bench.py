@@ -1,0 +1,71 @@
+"""`jaxgpt bench WORKLOAD`: time a workload, print a table, optionally write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from jaxgpt.config import PRESETS
+from jaxgpt.errors import InputError
+
+# Workload name → module under jaxgpt.bench defining `run(args) -> list[dict]`.
+WORKLOADS: dict[str, str] = {}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark a workload (tokens/s, TFLOP/s, MFU)",
+        description="Benchmark jaxgpt workloads. Compilation is timed apart from steady state; "
+        "figures are medians over --steps repeats with their spread.",
+    )
+    parser.add_argument("workload", choices=[*WORKLOADS, "all"], help="what to time")
+    parser.add_argument("--model", default="tiny", help=f"preset ({', '.join(PRESETS)})")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (workload default)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (workload default)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=5, help="timed repeats (default 5)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.set_defaults(func=run)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of the rows (union of their keys, floats to 4 significant digits)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    table = [keys] + [[cell(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(keys))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("batch", "seq"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name} must be >= 1, got {value}")
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    rows: list[dict] = []
+    for name in names:
+        print(f"== {name}", file=sys.stderr)
+        module = importlib.import_module(WORKLOADS[name])
+        new_rows = module.run(args)
+        rows += [{"workload": name, **row} for row in new_rows]
+        print(format_rows(new_rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {len(rows)} rows to {args.json}", file=sys.stderr)
+    return 0
