@@ -89,18 +89,20 @@ def project_qkv(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K, V for every head of every sequence: three `[B, H, T, K]` arrays.
 
-    GPT-2 stores the projections fused as `c_attn` `[D, 3D]` (columns Q | K | V, each split into
-    H heads of width K); viewed as `[D, 3, H, K]`, head h's weights are `[:, :, h, :]`.
+    The projections are fused as `c_attn` `[D, 3D]` whose columns are grouped by head: head h's
+    Q, K and V weights are the contiguous columns `[h·3K, (h+1)·3K)`, i.e. `[D, H, 3, K]`. (So a
+    tensor-parallel split of the columns is a split of whole heads; see `jaxgpt.pretrained` for
+    the conversion from GPT-2's Q | K | V order.)
     """
     H, K = config.n_head, config.head_dim
-    kernel_D3HK = p["c_attn"]["kernel"].reshape(-1, 3, H, K)
-    bias_3HK = p["c_attn"]["bias"].reshape(3, H, K) if "bias" in p["c_attn"] else None
+    kernel_DH3K = p["c_attn"]["kernel"].reshape(-1, H, 3, K)
+    bias_H3K = p["c_attn"]["bias"].reshape(H, 3, K) if "bias" in p["c_attn"] else None
     over_heads = jax.vmap(
         project_qkv_head,
-        in_axes=(None, 2, None if bias_3HK is None else 1, None),
+        in_axes=(None, 1, None if bias_H3K is None else 0, None),
     )
     over_batch = jax.vmap(over_heads, in_axes=(0, None, None, None))
-    return over_batch(x_BTD, kernel_D3HK, bias_3HK, config.compute_dtype)
+    return over_batch(x_BTD, kernel_DH3K, bias_H3K, config.compute_dtype)
 
 
 def causal_self_attention(

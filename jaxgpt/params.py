@@ -8,7 +8,7 @@
       "blocks": [            one dict per layer, L of them
         {
           "ln_1": {"scale": [D], "bias": [D]},
-          "attn": {"c_attn": {"kernel": [D, 3D], "bias": [3D]},   fused Q, K, V projections
+          "attn": {"c_attn": {"kernel": [D, 3D], "bias": [3D]},   fused Q, K, V (per head)
                    "c_proj": {"kernel": [D, D],  "bias": [D]}},   heads concatenated -> D
           "ln_2": {"scale": [D], "bias": [D]},
           "mlp":  {"c_fc":   {"kernel": [D, 4D], "bias": [4D]},
@@ -18,8 +18,10 @@
       "ln_f": {"scale": [D], "bias": [D]},
     }
 
-Kernels are `[in, out]`, which is also the layout of GPT-2's own Conv1D weights, so checkpoints map
-one to one. The columns of `c_attn` are Q, K, V in that order, each split into heads of width
+Kernels are `[in, out]`, the layout of GPT-2's own Conv1D weights. The columns of `c_attn` are
+grouped by head — head h's Q, K, V occupy columns `[h·3K, (h+1)·3K)` — so that each head's weights
+are one contiguous slice and a tensor-parallel split of the columns splits whole heads; GPT-2
+checkpoints order them Q | K | V instead, and `jaxgpt.pretrained` converts. Head width
 K = D / H. Without biases (`use_bias=False`) every "bias" entry is absent.
 """
 

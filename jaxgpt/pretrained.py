@@ -1,7 +1,8 @@
 """Hugging Face GPT-2 checkpoints ⇄ jaxgpt params.
 
 GPT-2's `Conv1D` stores weights as `[in, out]` — the same layout as jaxgpt's kernels — so no
-transposes are needed; the fused `c_attn` `[D, 3D]` keeps its Q | K | V column order. The output
+transposes are needed. One permutation is: GPT-2's fused `c_attn` `[D, 3D]` orders its columns
+Q | K | V (each split into heads), jaxgpt groups them by head (see `jaxgpt.params`). The output
 head `lm_head` is tied to `wte` and is not stored separately.
 
 Reading needs only `safetensors` (numpy); `pytorch_model.bin` files are read with
@@ -43,6 +44,16 @@ _TOP_NAMES = {
     ("ln_f", "scale"): "ln_f.weight",
     ("ln_f", "bias"): "ln_f.bias",
 }
+
+
+def _qkv_columns(x: np.ndarray, n_head: int, *, to_hf: bool) -> np.ndarray:
+    """Reorder the last axis of c_attn's kernel or bias between GPT-2's `[3, H, K]` (Q | K | V)
+    and jaxgpt's `[H, 3, K]` (per head)."""
+    lead = x.shape[:-1]
+    K = x.shape[-1] // (3 * n_head)
+    src = (n_head, 3, K) if to_hf else (3, n_head, K)
+    y = np.swapaxes(x.reshape(*lead, *src), -3, -2)
+    return np.ascontiguousarray(y.reshape(x.shape))
 
 
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
@@ -187,7 +198,15 @@ def load_hf(path: str | Path, **config_overrides: Any) -> tuple[GPTConfig, Param
     def take(name: str) -> jax.Array:
         if name not in tensors:
             raise CheckpointFormatError(f"checkpoint in {directory} lacks tensor {name!r}")
-        return jnp.asarray(tensors[name], dtype=jnp.float32)
+        value = np.asarray(tensors[name], dtype=np.float32)
+        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+            if value.shape[-1] != 3 * config.n_embd:
+                raise CheckpointFormatError(
+                    f"{directory}: tensors do not match config.json: {name} has shape "
+                    f"{value.shape}, expected a last axis of 3 * n_embd = {3 * config.n_embd}"
+                )
+            value = _qkv_columns(value, config.n_head, to_hf=False)
+        return jnp.asarray(value)
 
     def nest(names: dict[tuple[str, ...], str], prefix: str) -> Params:
         out: Params = {}
@@ -224,7 +243,10 @@ def save_hf(config: GPTConfig, params: Params, path: str | Path) -> Path:
             leaf = tree
             for part in path_:
                 leaf = leaf[part]
-            tensors["transformer." + prefix + name] = np.asarray(leaf, dtype=np.float32)
+            value = np.asarray(leaf, dtype=np.float32)
+            if name.startswith("attn.c_attn."):
+                value = _qkv_columns(value, config.n_head, to_hf=True)
+            tensors["transformer." + prefix + name] = value
 
     put(params, _TOP_NAMES, "")
     for i, block_params in enumerate(params["blocks"]):
