@@ -24,11 +24,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxgpt.attention import multi_head_attention, reference_attention
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import InputError
 from jaxgpt.params import Params, check_params
+from jaxgpt.sharding import BATCH_AXES, constrain
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_BHSK, v_BHSK)
 
@@ -68,7 +70,11 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 def embed(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
     """Token embedding + position embedding: the initial residual stream x_BTD (float32)."""
-    return params["wte"][tokens_BT] + params["wpe"][positions_BT]
+    # Under an FSDP mesh the tables are sharded along D: gather them whole before the lookup, so
+    # the looked-up rows come out split by batch like the tokens (a no-op without a mesh).
+    wte_VD = constrain(params["wte"], P())
+    wpe_TD = constrain(params["wpe"], P())
+    return wte_VD[tokens_BT] + wpe_TD[positions_BT]
 
 
 # --------------------------------------------------------------------------- 2. attention
@@ -302,6 +308,8 @@ def forward(
     x_BTD = dropout(x_BTD, config.embd_dropout, keys[0])
     for layer_params, layer_key in zip(params["blocks"], keys[1:]):
         layer_capture = {} if capture else None
+        # Under a device mesh, keep the residual stream split by batch (a no-op otherwise).
+        x_BTD = constrain(x_BTD, P(BATCH_AXES))
         x_BTD, _ = block(layer_params, x_BTD, config, key=layer_key, capture=layer_capture)
         if capture:
             captured["layers"].append(layer_capture)
