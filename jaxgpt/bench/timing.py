@@ -76,3 +76,32 @@ def peak_memory_bytes(device: jax.Device | None = None) -> tuple[int | None, str
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is KiB on Linux, bytes on macOS.
     return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+
+
+_PEAKS: dict[str, tuple[float, str]] = {}
+
+
+def device_peak(dtype: str) -> tuple[float, str]:
+    """`jaxgpt.flops.peak_flops`, measured at most once per process and dtype."""
+    if dtype not in _PEAKS:
+        from jaxgpt.flops import peak_flops
+
+        _PEAKS[dtype] = peak_flops(dtype)
+    return _PEAKS[dtype]
+
+
+def throughput_row(timing: Timing, tokens: int, flops_per_token: float, dtype: str) -> dict:
+    """The columns every workload reports: step time, tokens/s, achieved TFLOP/s and MFU."""
+    peak, _ = device_peak(dtype)
+    seconds = timing.median_s
+    achieved = tokens * flops_per_token / seconds
+    memory, _ = peak_memory_bytes()
+    return {
+        "compile_s": timing.first_call_s - seconds,
+        "step_ms": 1e3 * seconds,
+        "spread": timing.spread,
+        "tokens_per_s": tokens / seconds,
+        "tflops": achieved / 1e12,
+        "mfu": achieved / peak,
+        "peak_mem_gb": memory / 1e9,
+    }
