@@ -124,6 +124,37 @@ def _check_index(name: str, value: int, size: int, what: str) -> None:
         raise InputError(f"{name} {value} is out of range: {what} (valid: 0 to {size - 1})")
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _read_out(
+    params: Params,
+    stages_SD: jax.Array,
+    last_1V: jax.Array,
+    key: jax.Array,
+    samplers: tuple,
+    config: GPTConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Everything read off the captured pass, in one compiled call.
+
+    Args:
+      stages_SD: the residual stream at the last position after each stage (embeddings, blocks).
+      last_1V: the captured logits of the last position.
+      samplers: the sampling strategies to demonstrate, all drawn with the same `key`.
+
+    Returns the logit-lens probabilities [S, V] (each stage through ln_f + wteᵀ), the final
+    next-token probabilities [V], each sampler's pick [N] and how many tokens it could draw [N].
+    """
+    lens_SV = jax.nn.softmax(unembed(params, stages_SD[None], config)[0], axis=-1)
+    probs_V = jax.nn.softmax(last_1V[0], axis=-1)
+    picks, candidates = [], []
+    for sampler in samplers:
+        picks.append(sampler(last_1V, key)[0])
+        if isinstance(sampler, RandomSampling):
+            candidates.append(jnp.isfinite(sampler.filter_logits(last_1V)[0]).sum())
+        else:
+            candidates.append(jnp.asarray(1))  # greedy: the argmax, nothing else
+    return lens_SV, probs_V, jnp.stack(picks), jnp.stack(candidates)
+
+
 def _top(probs_V: np.ndarray, k: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
     # Stable sort of -p: ties keep the lower id first, as argmax does.
     ids = np.argsort(-probs_V, kind="stable")[:k]
@@ -194,29 +225,26 @@ def trace(
     _, captured = _forward_capture(params, tokens_1T, config)
     captured = jax.tree.map(np.asarray, captured)
 
-    # ---- logit lens: each stage's residual stream at the last position, through ln_f + wteᵀ
+    # ---- logit lens, output distribution and sampling, read off the captured pass
     stages = [("embeddings", captured["x_embed"])]
     stages += [(f"block {i}", lay["x_out"]) for i, lay in enumerate(captured["layers"])]
+    stages_SD = np.stack([x_1TD[0, -1] for _, x_1TD in stages])
+    last_1V = captured["logits"][:, -1]
+    lens_SV, probs_V, picked, candidates = (
+        np.asarray(a)
+        for a in _read_out(
+            params, stages_SD, last_1V, jax.random.key(seed), tuple(samplers.values()), config
+        )
+    )
     lens = []
-    for name, x_1TD in stages:
-        logits_V = np.asarray(unembed(params, jnp.asarray(x_1TD[:, -1:]), config))[0, -1]
-        probs_V = np.asarray(jax.nn.softmax(logits_V))
+    for (name, x_1TD), lens_V in zip(stages, lens_SV):
         norms_T = np.linalg.norm(x_1TD[0], axis=-1)
-        lens.append(LensRow(name, float(norms_T[-1]), float(norms_T.mean()), *_top(probs_V, top_k)))
-
-    # ---- the output distribution and what each sampler would pick
-    last_1V = jnp.asarray(captured["logits"][:, -1])
-    probs_V = np.asarray(jax.nn.softmax(last_1V[0]))
+        lens.append(LensRow(name, float(norms_T[-1]), float(norms_T.mean()), *_top(lens_V, top_k)))
     top_ids, top_probs = _top(probs_V, top_k)
-    key = jax.random.key(seed)
-    picks = []
-    for strategy, sampler in samplers.items():
-        picked = int(sampler(last_1V, key)[0])
-        if isinstance(sampler, RandomSampling):
-            candidates = int(np.isfinite(np.asarray(sampler.filter_logits(last_1V))).sum())
-        else:
-            candidates = 1
-        picks.append(SamplingPick(strategy, picked, float(probs_V[picked]), candidates))
+    picks = [
+        SamplingPick(strategy, int(tid), float(probs_V[tid]), int(n))
+        for strategy, tid, n in zip(samplers, picked, candidates)
+    ]
 
     mentioned = set(ids) | set(top_ids) | {p.token_id for p in picks}
     for row in lens:

@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.numbers <= 64:
         raise InputError(f"--numbers must be from 1 to 64, got {args.numbers}")
     model = load_model(args.model)
-    print(f"tracing with {model.source} ...", file=sys.stderr)
     result = trace(
         model.params,
         model.config,
