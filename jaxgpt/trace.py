@@ -281,8 +281,8 @@ def _vec(x: np.ndarray, n: int) -> str:
 
 
 def _prob(p: float) -> str:
-    """A probability in 6 characters; tiny ones (random weights) in scientific notation."""
-    return f"{p:.4f}" if p >= 1e-3 else f"{p:.0e}"
+    """A probability in 6–7 characters; tiny ones (random weights) in scientific notation."""
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
 
 def _shape(x: np.ndarray) -> str:
