@@ -13,7 +13,7 @@ import sys
 from jaxgpt.errors import JaxgptError
 
 # Subcommand modules, in the order `jaxgpt --help` lists them.
-COMMANDS = ("params", "bench")
+COMMANDS = ("params", "bench", "trace")
 
 
 def build_parser() -> argparse.ArgumentParser:
