@@ -194,3 +194,13 @@ def test_cached_decode_step_equals_across_backends(tiny_model):
     ref, _ = step(params, next_BT, config, cache, 10, kv_start_B)
     out, _ = step(params, next_BT, config.replace(attention="pallas"), cache, 10, kv_start_B)
     assert max_err(out, ref) < 1e-4
+
+
+def test_bench_lists_the_backends_this_platform_has():
+    from jaxgpt.bench.attention import attention_flops, available_backends
+
+    assert available_backends("float32") == ["xla", "pallas"]
+    assert available_backends("bfloat16") == ["xla", "pallas"]
+    # Forward: QKᵀ and PV, 2·T·T·K each per (row, head); fwd+bwd is 3.5× that.
+    assert attention_flops(2, 3, 8, 16, backward=False) == 4 * 2 * 3 * 8 * 8 * 16
+    assert attention_flops(2, 3, 8, 16, backward=True) == 3.5 * 4 * 2 * 3 * 8 * 8 * 16
