@@ -18,7 +18,7 @@ from jaxgpt.config import get_preset
 from jaxgpt.errors import ConfigError
 from jaxgpt.kernels import BlockSizes, DecodeBlocks, decode_attention, flash_attention
 from jaxgpt.model import forward, forward_cached, init_cache
-from jaxgpt.params import init_params
+from jaxgpt.params import param_shapes
 
 BLOCKS = BlockSizes(16, 16)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -110,10 +110,22 @@ def test_pallas_backend_routes_single_queries_with_a_cache_to_the_decode_kernel(
 
 @pytest.fixture(scope="module")
 def tiny_model():
+    """(tiny config, random params, tokens [2, 24]).
+
+    Parameters are drawn with numpy in the layout of `param_shapes` (eager `init_params` is slow
+    on a busy CPU), std 0.2 rather than GPT-2's 0.02 (as conftest's TINY_HF) so that attention
+    is far from uniform.
+    """
     config = get_preset("tiny")
-    params = init_params(config, jax.random.PRNGKey(0))
-    # GPT-2's 0.02 init gives near-uniform attention; scale the weights up so the test can fail.
-    params = jax.tree_util.tree_map(lambda x: x * 4.0, params)
+    shapes = param_shapes(config)
+    rng = np.random.RandomState(0)
+
+    def draw(path, leaf):
+        if "scale" in jax.tree_util.keystr(path):  # LayerNorm gains
+            return jnp.asarray(1.0 + 0.1 * rng.randn(*leaf.shape), leaf.dtype)
+        return jnp.asarray(0.2 * rng.randn(*leaf.shape), leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
     tokens = np.random.RandomState(3).randint(0, config.vocab_size, (2, 24)).astype(np.int32)
     return config, params, tokens
 
