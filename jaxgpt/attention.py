@@ -140,13 +140,19 @@ def cudnn_attention(
     """
     B, _, T, _ = q_BHTK.shape
     S = k_BHSK.shape[2]
-    if kv_start_B is None:
-        kv_start_B = jnp.zeros((B,), jnp.int32)
-    mask_B1TS = attention_mask(q_offset, T, S, kv_start_B)[:, None]
-    out_BTHK = jax.nn.dot_product_attention(
-        q_BHTK.transpose(0, 2, 1, 3), k_BHSK.transpose(0, 2, 1, 3), v_BHSK.transpose(0, 2, 1, 3),
-        mask=mask_B1TS, implementation="cudnn",
-    )  # fmt: skip
+    q_BTHK, k_BSHK, v_BSHK = (x.transpose(0, 2, 1, 3) for x in (q_BHTK, k_BHSK, v_BHSK))
+    if kv_start_B is None and isinstance(q_offset, int) and q_offset == 0 and T == S:
+        # Training: plain causal attention, cuDNN's built-in causal mask (no mask tensor).
+        out_BTHK = jax.nn.dot_product_attention(
+            q_BTHK, k_BSHK, v_BSHK, is_causal=True, implementation="cudnn"
+        )
+    else:
+        if kv_start_B is None:
+            kv_start_B = jnp.zeros((B,), jnp.int32)
+        mask_B1TS = attention_mask(q_offset, T, S, kv_start_B)[:, None]
+        out_BTHK = jax.nn.dot_product_attention(
+            q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS, implementation="cudnn"
+        )
     return out_BTHK.transpose(0, 2, 1, 3)
 
 
