@@ -51,7 +51,7 @@ def max_err(a, b) -> float:
 
 # (B, H, T, S, D), q_offset, kv_start_B, dtype
 CASES = {
-    "one-block": ((1, 1, 16, 16, 32), 0, None, "float32"),
+    "one-block-head128": ((1, 1, 16, 16, 128), 0, None, "float32"),
     "cache-offset-ragged": ((2, 3, 9, 37, 16), 28, [0, 5], "float32"),
     # Row 0 plain causal, row 1 left-padded: 3 blocks of 16 with a partial tail block.
     "many-blocks-tail-left-padded": ((2, 2, 40, 40, 16), 0, [0, 21], "float32"),

@@ -169,7 +169,7 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, 
         jnp.zeros((block_q, head_dim), jnp.float32),
     )
     m_Q1, l_Q1, acc_QD = jax.lax.fori_loop(lo, hi, step, init)
-    # Every visited block holds at least one real key, so l ≥ exp(0) = 1 for the row's maximum.
+    # The loop visits at least one real key and the row maximum adds exp(0) = 1, so l ≥ 1.
     o_ref[...] = (acc_QD / l_Q1).astype(o_ref.dtype)
     lse_ref[...] = m_Q1 + jnp.log(l_Q1)
 
