@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.config import ATTENTION_BACKENDS
 from jaxgpt.errors import ConfigError
 
 # A large negative score rather than -inf, so a fully masked row (a padding query) gives a uniform
@@ -91,6 +92,70 @@ def reference_attention(
     return _attention_batch(q_BHTK, k_BHSK, v_BHSK, mask_BTS, keep_BHTS, dropout_rate)
 
 
+def resolve_backend(backend: str, dtype: jnp.dtype | str = "float32") -> str:
+    """The concrete backend ("xla", "cudnn" or "pallas") for `backend` on this platform.
+
+    "auto" picks cuDNN on an NVIDIA GPU (for bfloat16/float16; cuDNN's fused attention has no
+    float32 kernel, so float32 goes to Pallas), Pallas on TPU (and non-NVIDIA GPUs), and XLA on
+    CPU. Asking for a backend the platform lacks is a ConfigError, never a silent fallback.
+    Pallas is available everywhere: on CPU its kernels run in the (slow) Pallas interpreter.
+    """
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    device = jax.devices()[0]
+    # JAX's "gpu" platform is CUDA (NVIDIA) unless the runtime reports ROCm (AMD).
+    nvidia = device.platform == "gpu" and "rocm" not in device.client.platform_version.lower()
+    half = jnp.dtype(dtype) in (jnp.dtype("bfloat16"), jnp.dtype("float16"))
+    if backend == "auto":
+        if device.platform == "cpu":
+            return "xla"
+        return "cudnn" if nvidia and half else "pallas"
+    if backend == "cudnn":
+        if not nvidia:
+            raise ConfigError(
+                f"attention backend 'cudnn' needs an NVIDIA GPU, but JAX is running on "
+                f"{device.platform!r} ({device.device_kind}); use 'xla', 'pallas' or 'auto'"
+            )
+        if not half:
+            raise ConfigError(
+                f"attention backend 'cudnn' takes only bfloat16/float16, not {jnp.dtype(dtype)}; "
+                f"set model.dtype=bfloat16 or use 'pallas' / 'auto'"
+            )
+    return backend
+
+
+def cudnn_attention(
+    q_BHTK: jax.Array,
+    k_BHSK: jax.Array,
+    v_BHSK: jax.Array,
+    *,
+    q_offset: jax.Array | int = 0,
+    kv_start_B: jax.Array | None = None,
+) -> jax.Array:
+    """The cuDNN fused kernel via `jax.nn.dot_product_attention`, with the reference's mask.
+
+    cuDNN wants `[B, T, H, K]`; the mask (causal from `q_offset`, valid from `kv_start_B`) is
+    passed explicitly. Queries with no valid key (left padding) may differ from the reference
+    there; those outputs are never read.
+    """
+    B, _, T, _ = q_BHTK.shape
+    S = k_BHSK.shape[2]
+    q_BTHK, k_BSHK, v_BSHK = (x.transpose(0, 2, 1, 3) for x in (q_BHTK, k_BHSK, v_BHSK))
+    if kv_start_B is None and isinstance(q_offset, int) and q_offset == 0 and T == S:
+        # Training: plain causal attention, cuDNN's built-in causal mask (no mask tensor).
+        out_BTHK = jax.nn.dot_product_attention(
+            q_BTHK, k_BSHK, v_BSHK, is_causal=True, implementation="cudnn"
+        )
+    else:
+        if kv_start_B is None:
+            kv_start_B = jnp.zeros((B,), jnp.int32)
+        mask_B1TS = attention_mask(q_offset, T, S, kv_start_B)[:, None]
+        out_BTHK = jax.nn.dot_product_attention(
+            q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS, implementation="cudnn"
+        )
+    return out_BTHK.transpose(0, 2, 1, 3)
+
+
 def multi_head_attention(
     q_BHTK: jax.Array,
     k_BHSK: jax.Array,
@@ -102,16 +167,35 @@ def multi_head_attention(
     keep_BHTS: jax.Array | None = None,
     dropout_rate: float = 0.0,
 ) -> jax.Array:
-    """Causal attention over all heads of a batch with the chosen backend; returns out_BHTK."""
-    if backend == "xla":
-        out_BHTK, _ = reference_attention(
-            q_BHTK,
-            k_BHSK,
-            v_BHSK,
-            q_offset=q_offset,
-            kv_start_B=kv_start_B,
-            keep_BHTS=keep_BHTS,
-            dropout_rate=dropout_rate,
+    """Causal attention over all heads of a batch with the chosen backend; returns out_BHTK.
+
+    Backends (see `resolve_backend`): "xla" is `reference_attention`; "cudnn" is
+    `cudnn_attention`; "pallas" is jaxgpt's flash kernel (`jaxgpt.kernels.flash_attention`), or,
+    for one query per row against a longer KV cache (a decode step), the flash-decoding kernel
+    `jaxgpt.kernels.decode_attention`. Attention dropout (`keep_BHTS`) exists only in "xla".
+    """
+    backend = resolve_backend(backend, q_BHTK.dtype)
+    if keep_BHTS is not None and backend != "xla":
+        raise ConfigError(
+            f"attention dropout (attn_dropout={dropout_rate}) is only implemented by the 'xla' "
+            f"attention backend, not {backend!r}; set model.attn_dropout=0 or model.attention=xla"
         )
-        return out_BHTK
-    raise ConfigError(f"attention backend {backend!r} is not available; use 'xla'")
+    if backend == "cudnn":
+        return cudnn_attention(q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B)
+    if backend == "pallas":
+        # Imported lazily: users of the XLA path never import Pallas.
+        from jaxgpt.kernels import decode_attention, flash_attention
+
+        T, S = q_BHTK.shape[2], k_BHSK.shape[2]
+        kernel = decode_attention if T == 1 and S > 1 else flash_attention
+        return kernel(q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B)
+    out_BHTK, _ = reference_attention(
+        q_BHTK,
+        k_BHSK,
+        v_BHSK,
+        q_offset=q_offset,
+        kv_start_B=kv_start_B,
+        keep_BHTS=keep_BHTS,
+        dropout_rate=dropout_rate,
+    )
+    return out_BHTK
