@@ -318,11 +318,15 @@ def forward_cached(
     cache: KVCache,
     q_offset: jax.Array | int,
     kv_start_B: jax.Array,
+    *,
+    last_only: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Inference with a KV cache: run `tokens_BT` at cache slots `q_offset ... q_offset+T-1`.
 
     Row b's sequence begins at slot `kv_start_B[b]` (left padding before it is never attended to),
-    so its positions are `slot - kv_start_B[b]`. Returns logits_BTV and the updated cache.
+    so its positions are `slot - kv_start_B[b]`. Returns logits_BTV and the updated cache; with
+    `last_only=True` only the last position's logits (`[B, 1, V]`), which is all a prefill needs
+    (the full `[B, T, V]` projection would cost T times the vocabulary matmul).
     """
     T = tokens_BT.shape[1]
     slots_T = q_offset + jnp.arange(T)
@@ -334,6 +338,8 @@ def forward_cached(
             layer_params, x_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B, cache=layer_cache
         )
         new_cache.append(layer_cache)
+    if last_only:
+        x_BTD = x_BTD[:, -1:]
     return unembed(params, x_BTD, config), new_cache
 
 
