@@ -74,33 +74,22 @@ def embed(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.
 # --------------------------------------------------------------------------- 2. attention
 
 
-def project_qkv_head(
-    x_TD: jax.Array, kernel_D3K: jax.Array, bias_3K: jax.Array | None, dtype: jnp.dtype
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Q, K and V of one head for one sequence: three `[T, K]` projections of x_TD."""
-    qkv_3TK = jnp.einsum("td,dck->ctk", x_TD.astype(dtype), kernel_D3K.astype(dtype))
-    if bias_3K is not None:
-        qkv_3TK = qkv_3TK + bias_3K[:, None, :].astype(dtype)
-    return qkv_3TK[0], qkv_3TK[1], qkv_3TK[2]
-
-
 def project_qkv(
     p: Params, x_BTD: jax.Array, config: GPTConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K, V for every head of every sequence: three `[B, H, T, K]` arrays.
 
     GPT-2 stores the projections fused as `c_attn` `[D, 3D]` (columns Q | K | V, each split into
-    H heads of width K); viewed as `[D, 3, H, K]`, head h's weights are `[:, :, h, :]`.
+    H heads of width K): one `[D, 3D]` matmul, then the output columns viewed as `[3, H, K]`.
+    Splitting the *output* (not the kernel) into heads matters for speed: a per-head einsum
+    against the kernel viewed as `[D, 3, H, K]` made XLA:CPU transpose the whole kernel on every
+    call — in the decode loop, every token.
     """
+    B, T, _ = x_BTD.shape
     H, K = config.n_head, config.head_dim
-    kernel_D3HK = p["c_attn"]["kernel"].reshape(-1, 3, H, K)
-    bias_3HK = p["c_attn"]["bias"].reshape(3, H, K) if "bias" in p["c_attn"] else None
-    over_heads = jax.vmap(
-        project_qkv_head,
-        in_axes=(None, 2, None if bias_3HK is None else 1, None),
-    )
-    over_batch = jax.vmap(over_heads, in_axes=(0, None, None, None))
-    return over_batch(x_BTD, kernel_D3HK, bias_3HK, config.compute_dtype)
+    qkv_BT3HK = linear(p["c_attn"], x_BTD, config.compute_dtype).reshape(B, T, 3, H, K)
+    q_BHTK, k_BHTK, v_BHTK = qkv_BT3HK.transpose(2, 0, 3, 1, 4)
+    return q_BHTK, k_BHTK, v_BHTK
 
 
 def causal_self_attention(
@@ -127,6 +116,14 @@ def causal_self_attention(
         k_BHSK = jax.lax.dynamic_update_slice(k_cache, k_BHTK.astype(k_cache.dtype), start)
         v_BHSK = jax.lax.dynamic_update_slice(v_cache, v_BHTK.astype(v_cache.dtype), start)
         cache = (k_BHSK, v_BHSK)
+        if T == 1:
+            # One new position (a decode step): attention reads the same values, written as a
+            # select. Reading the updated cache itself made XLA:CPU fuse a private copy of the
+            # update into the attention, which forced it to copy every layer's whole cache
+            # several times per generated token; the select leaves one in-place update.
+            is_new_S = (jnp.arange(k_cache.shape[2]) == q_offset)[:, None]
+            k_BHSK = jnp.where(is_new_S, k_BHTK.astype(k_cache.dtype), k_cache)
+            v_BHSK = jnp.where(is_new_S, v_BHTK.astype(v_cache.dtype), v_cache)
     else:
         k_BHSK, v_BHSK = k_BHTK, v_BHTK
 

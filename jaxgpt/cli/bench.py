@@ -12,7 +12,7 @@ from jaxgpt.config import PRESETS
 from jaxgpt.errors import InputError
 
 # Workload name → module under jaxgpt.bench defining `run(args) -> list[dict]`.
-WORKLOADS: dict[str, str] = {}
+WORKLOADS: dict[str, str] = {"decode": "jaxgpt.bench.decode"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
