@@ -103,8 +103,31 @@ def main() -> int:
             f"hf {[round(t, 2) for t in times['transformers']]}]",
             flush=True,
         )
-    print(f"weights read per decode step: {n_bytes / 1e6:.0f} MB (float32, wpe excluded)")
+    bandwidth = read_bandwidth(torch)
+    print(
+        f"weights read per decode step: {n_bytes / 1e6:.0f} MB (float32, wpe excluded); "
+        f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s -> memory-bandwidth bound "
+        f"{bandwidth / n_bytes:.1f} steps/s, i.e. {bandwidth / n_bytes:.1f} tokens/s at batch 1 "
+        f"and {8 * bandwidth / n_bytes:.0f} tokens/s at batch 8"
+    )
+    for batch, tps, _ in rows:
+        print(
+            f"batch {batch}: jaxgpt at {tps['jaxgpt'] / (batch * bandwidth / n_bytes):.0%} "
+            f"of the bound, transformers at "
+            f"{tps['transformers'] / (batch * bandwidth / n_bytes):.0%}"
+        )
     return 0
+
+
+def read_bandwidth(torch, n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of the fastest of `repeats` multi-threaded sums over a float32 array of n_bytes."""
+    x = torch.ones(n_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - start)
+    return n_bytes / best
 
 
 if __name__ == "__main__":
