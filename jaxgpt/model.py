@@ -80,35 +80,23 @@ def embed(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.
 # --------------------------------------------------------------------------- 2. attention
 
 
-def project_qkv_head(
-    x_TD: jax.Array, kernel_D3K: jax.Array, bias_3K: jax.Array | None, dtype: jnp.dtype
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Q, K and V of one head for one sequence: three `[T, K]` projections of x_TD."""
-    qkv_3TK = jnp.einsum("td,dck->ctk", x_TD.astype(dtype), kernel_D3K.astype(dtype))
-    if bias_3K is not None:
-        qkv_3TK = qkv_3TK + bias_3K[:, None, :].astype(dtype)
-    return qkv_3TK[0], qkv_3TK[1], qkv_3TK[2]
-
-
 def project_qkv(
     p: Params, x_BTD: jax.Array, config: GPTConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Q, K, V for every head of every sequence: three `[B, H, T, K]` arrays.
 
     The projections are fused as `c_attn` `[D, 3D]` whose columns are grouped by head: head h's
-    Q, K and V weights are the contiguous columns `[h·3K, (h+1)·3K)`, i.e. `[D, H, 3, K]`. (So a
-    tensor-parallel split of the columns is a split of whole heads; see `jaxgpt.pretrained` for
-    the conversion from GPT-2's Q | K | V order.)
+    Q, K and V weights are the contiguous columns `[h·3K, (h+1)·3K)`, i.e. `[D, H, 3, K]` (so a
+    tensor-parallel split of the columns is a split of whole heads; `jaxgpt.pretrained` converts
+    from GPT-2's Q | K | V order). It is one `[D, 3D]` matmul whose *output* is then split into
+    heads: a per-head einsum against the kernel viewed as `[D, H, 3, K]` made XLA:CPU transpose
+    the whole kernel on every call — in the decode loop, on every token.
     """
+    B, T, _ = x_BTD.shape
     H, K = config.n_head, config.head_dim
-    kernel_DH3K = p["c_attn"]["kernel"].reshape(-1, H, 3, K)
-    bias_H3K = p["c_attn"]["bias"].reshape(H, 3, K) if "bias" in p["c_attn"] else None
-    over_heads = jax.vmap(
-        project_qkv_head,
-        in_axes=(None, 1, None if bias_H3K is None else 0, None),
-    )
-    over_batch = jax.vmap(over_heads, in_axes=(0, None, None, None))
-    return over_batch(x_BTD, kernel_DH3K, bias_H3K, config.compute_dtype)
+    qkv_BTH3K = linear(p["c_attn"], x_BTD, config.compute_dtype).reshape(B, T, H, 3, K)
+    q_BHTK, k_BHTK, v_BHTK = qkv_BTH3K.transpose(3, 0, 2, 1, 4)
+    return q_BHTK, k_BHTK, v_BHTK
 
 
 def causal_self_attention(
@@ -135,6 +123,14 @@ def causal_self_attention(
         k_BHSK = jax.lax.dynamic_update_slice(k_cache, k_BHTK.astype(k_cache.dtype), start)
         v_BHSK = jax.lax.dynamic_update_slice(v_cache, v_BHTK.astype(v_cache.dtype), start)
         cache = (k_BHSK, v_BHSK)
+        if T == 1:
+            # One new position (a decode step): attention reads the same values, written as a
+            # select. Reading the updated cache itself made XLA:CPU fuse a private copy of the
+            # update into the attention, which forced it to copy every layer's whole cache
+            # several times per generated token; the select leaves one in-place update.
+            is_new_S = (jnp.arange(k_cache.shape[2]) == q_offset)[:, None]
+            k_BHSK = jnp.where(is_new_S, k_BHTK.astype(k_cache.dtype), k_cache)
+            v_BHSK = jnp.where(is_new_S, v_BHTK.astype(v_cache.dtype), v_cache)
     else:
         k_BHSK, v_BHSK = k_BHTK, v_BHTK
 
@@ -328,11 +324,15 @@ def forward_cached(
     cache: KVCache,
     q_offset: jax.Array | int,
     kv_start_B: jax.Array,
+    *,
+    last_only: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Inference with a KV cache: run `tokens_BT` at cache slots `q_offset ... q_offset+T-1`.
 
     Row b's sequence begins at slot `kv_start_B[b]` (left padding before it is never attended to),
-    so its positions are `slot - kv_start_B[b]`. Returns logits_BTV and the updated cache.
+    so its positions are `slot - kv_start_B[b]`. Returns logits_BTV and the updated cache; with
+    `last_only=True` only the last position's logits (`[B, 1, V]`), which is all a prefill needs
+    (the full `[B, T, V]` projection would cost T times the vocabulary matmul).
     """
     T = tokens_BT.shape[1]
     slots_T = q_offset + jnp.arange(T)
@@ -344,6 +344,8 @@ def forward_cached(
             layer_params, x_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B, cache=layer_cache
         )
         new_cache.append(layer_cache)
+    if last_only:
+        x_BTD = x_BTD[:, -1:]
     return unembed(params, x_BTD, config), new_cache
 
 

@@ -13,7 +13,7 @@ import sys
 from jaxgpt.errors import JaxgptError
 
 # Subcommand modules, in the order `jaxgpt --help` lists them.
-COMMANDS = ("params", "bench", "trace")
+COMMANDS = ("params", "sample", "trace", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

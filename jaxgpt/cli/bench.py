@@ -14,6 +14,7 @@ from jaxgpt.errors import InputError
 # Workload name → module under jaxgpt.bench defining `run(args) -> list[dict]`.
 WORKLOADS: dict[str, str] = {
     "forward": "jaxgpt.bench.forward",
+    "decode": "jaxgpt.bench.decode",
     "attention": "jaxgpt.bench.attention",
 }
 

@@ -1,0 +1,78 @@
+"""`jaxgpt bench decode`: prefill time, ms per decode step and tokens/s of `jaxgpt.decode`.
+
+Times the same jitted loop `generate` uses (`decode_padded`, greedy) on random weights, at batch 1
+and 8 (or --batch), in --dtype. Compilation is the first call minus a steady-state call and is
+reported apart. Prompt length (--seq) defaults to 64 and new tokens to 256, both shrunk to fit
+the model's block_size (the "tiny" preset: 16 + 48).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxgpt.bench.timing import time_fn
+from jaxgpt.config import get_preset
+from jaxgpt.decode import decode_padded
+from jaxgpt.errors import InputError
+from jaxgpt.model import forward_cached, init_cache
+from jaxgpt.params import init_params
+from jaxgpt.sampling import Greedy
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len"))
+def _prefill(params, tokens_BT, kv_start_B, *, config, max_len):
+    cache = init_cache(config, tokens_BT.shape[0], max_len)
+    return forward_cached(params, tokens_BT, config, cache, 0, kv_start_B, last_only=True)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    config = get_preset(args.model, dtype=args.dtype)
+    prompt_len = args.seq or min(64, config.block_size // 4)
+    new_tokens = min(256, config.block_size - prompt_len)
+    if new_tokens < 2:
+        raise InputError(
+            f"--seq {prompt_len} leaves no room to decode within block_size {config.block_size}"
+        )
+    params = init_params(config, jax.random.key(0))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
+    batches = [args.batch] if args.batch else [1, 8]
+    rows = []
+    for batch in tqdm(batches, desc="decode", unit="batch"):
+        tokens_BT = jnp.asarray(
+            np.random.RandomState(batch).randint(0, config.vocab_size, (batch, prompt_len)),
+            jnp.int32,
+        )
+        kv_start_B = jnp.zeros((batch,), jnp.int32)
+        prefill = time_fn(
+            functools.partial(_prefill, config=config, max_len=prompt_len + new_tokens - 1),
+            params, tokens_BT, kv_start_B, repeats=args.steps,
+        )  # fmt: skip
+        loop = time_fn(
+            functools.partial(decode_padded, config=config, max_new_tokens=new_tokens),
+            params, tokens_BT, kv_start_B, None, Greedy(), jnp.int32(-1), jnp.int32(0),
+            repeats=args.steps,
+        )  # fmt: skip
+        step_s = (loop.median_s - prefill.median_s) / (new_tokens - 1)
+        rows.append(
+            {
+                "model": args.model,
+                "dtype": args.dtype,
+                "batch": batch,
+                "prompt": prompt_len,
+                "new_tokens": new_tokens,
+                "compile_s": loop.first_call_s - loop.median_s,
+                "prefill_ms": 1e3 * prefill.median_s,
+                "ms_per_step": 1e3 * step_s,
+                "tokens_per_s": batch * new_tokens / loop.median_s,
+                "decode_tokens_per_s": batch / step_s,
+                "weights_MB": weight_bytes / 1e6,
+                "spread": loop.spread,
+            }
+        )
+    return rows
