@@ -13,7 +13,7 @@ import sys
 from jaxgpt.errors import JaxgptError
 
 # Subcommand modules, in the order `jaxgpt --help` lists them.
-COMMANDS = ("params", "bench")
+COMMANDS = ("prepare", "train", "plot", "params", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
