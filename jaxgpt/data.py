@@ -232,7 +232,10 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise InputError(f"{path} is missing; run `jaxgpt prepare` again")
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    dtype = np.dtype(meta["dtype"])
+    if path.stat().st_size == 0:  # numpy cannot map an empty file
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 # --------------------------------------------------------------------------- batches

@@ -72,7 +72,7 @@ def test_killed_and_interrupted_run_resumes_exactly(tmp_path, tiny_experiment_fi
     expected = train_losses(reference.run_dir)
     assert len(expected) == STEPS
     assert train_losses(run_dir) == expected  # bit for bit: floats compared exactly
-    evals = lambda d: [r for r in read_metrics(d) if r["kind"] == "eval"]  # noqa: E731
+    evals = lambda d: [r for r in read_metrics(d) if r["kind"] == "eval"]
     assert [(r["step"], r["val_loss"]) for r in evals(run_dir)] == [
         (r["step"], r["val_loss"]) for r in evals(reference.run_dir)
     ]
@@ -87,7 +87,7 @@ def test_unfinished_save_is_ignored(tmp_path, tiny_experiment_file):
     partial.mkdir()
     (partial / "garbage").write_bytes(b"\0" * 10)
     assert checkpoint.latest_step(run_dir) == 20
-    config, params, tokenizer, description = checkpoint.load_run_for_inference(run_dir)
+    config, _, _, description = checkpoint.load_run_for_inference(run_dir)
     assert "step 20" in description and config.n_layer == 2
     with pytest.raises(Exception, match="not a jaxgpt run directory"):
         checkpoint.load_run_for_inference(tmp_path)
