@@ -17,6 +17,7 @@ stops that keep the last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import signal
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from jaxgpt import checkpoint, data, flops
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
-from jaxgpt.experiment import Experiment, diff
+from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
 from jaxgpt.model import forward
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, init_params
@@ -110,9 +111,18 @@ def jit_train_step(train_step, **jit_kwargs):
     return jax.jit(train_step, donate_argnums=(0,), **jit_kwargs)
 
 
+@functools.lru_cache(maxsize=8)
 def make_eval_loss(config: GPTConfig):
     """Jitted `eval_loss(params, batch_BT1) -> mean cross-entropy` (no dropout)."""
     return jax.jit(lambda params, batch_BT1: loss_fn(params, batch_BT1, config, None))
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(config: GPTConfig, optim: OptimSection, schedule: ScheduleSection):
+    """(optimizer, jitted train step) for these settings, cached so that several runs in one
+    process (a notebook, the tests) compile the step once."""
+    optimizer = make_optimizer(optim, schedule)
+    return optimizer, jit_train_step(make_train_step(config, optimizer))
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -202,7 +212,9 @@ def initial_params(
     m = exp.model
     if m.init == "scratch":
         config = exp.gpt_config(vocab_size)
-        return config, init_params(config, jax.random.key(exp.schedule.seed))
+        # Compiled: op-by-op initialisation dispatches (and compiles) hundreds of tiny programs.
+        params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(exp.schedule.seed))
+        return config, params
     overrides = dict(
         embd_dropout=m.dropout, attn_dropout=m.dropout, resid_dropout=m.dropout, dtype=m.dtype
     )
@@ -307,7 +319,7 @@ def run(
     else:
         config, params = initial_params(exp, tokenizer.n_vocab, meta["tokenizer"])
         check_params(params, config)
-    optimizer = make_optimizer(exp.optim, exp.schedule)
+    optimizer, step_fn = compiled_step(config, exp.optim, exp.schedule)
     manager = checkpoint.open_manager(run_dir, keep=exp.checkpoint.keep)
     elapsed_before = 0.0
     if last is not None:
@@ -319,11 +331,10 @@ def run(
         elapsed_before = float(loader.get("elapsed_s", 0.0))
         print(f"resuming {run_dir} from step {last}", file=sys.stderr)
     else:
-        state = init_train_state(params, optimizer)
+        state = jax.jit(init_train_state, static_argnums=1)(params, optimizer)
         checkpoint.write_run_files(run_dir, exp.to_dict(), config, tokenizer)
 
     # ---- compiled functions and fixed eval batches
-    step_fn = jit_train_step(make_train_step(config, optimizer))
     eval_loss = make_eval_loss(config)
     eval_batches = {
         split: [data.get_batch(tok, B, T, EVAL_SEED, i)[0] for i in range(exp.eval.batches)]
