@@ -455,6 +455,8 @@ def run(
         metrics_file.close()
         manager.close()
 
+    if not interrupted and not last_eval:  # resumed a finished run: report its losses anyway
+        last_eval = evaluate(state.params)
     result = RunResult(
         run_dir=run_dir, step=step, interrupted=interrupted,
         val_loss=last_eval.get("val_loss"), train_loss=last_eval.get("train_loss"),
