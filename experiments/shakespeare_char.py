@@ -20,7 +20,7 @@ EXPERIMENT = Experiment(
         dataset="shakespeare_char", source="shakespeare", tokenizer="char", batch_size=16
     ),
     optim=OptimSection(lr=3e-3, weight_decay=0.1, beta2=0.99, grad_clip=1.0),
-    schedule=ScheduleSection(max_steps=2000, warmup_steps=100, min_lr_ratio=0.1),
-    eval=EvalSection(interval=250, batches=20, log_interval=25, sample_tokens=600),
-    checkpoint=CheckpointSection(interval=250, keep=2),
+    schedule=ScheduleSection(max_steps=1200, warmup_steps=100, min_lr_ratio=0.1),
+    eval=EvalSection(interval=200, batches=20, log_interval=25, sample_tokens=600),
+    checkpoint=CheckpointSection(interval=200, keep=2),
 )
