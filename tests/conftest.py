@@ -49,3 +49,51 @@ def hf_tiny(tmp_path_factory):
 def tiny_tokens():
     """A fixed [2, 24] batch of token ids for the tiny model."""
     return np.random.RandomState(0).randint(0, TINY_HF["vocab_size"], size=(2, 24)).astype(np.int32)
+
+
+# --------------------------------------------------------------------------- training fixtures
+
+TINY_EXPERIMENT = """
+from jaxgpt.experiment import *
+
+EXPERIMENT = Experiment(
+    name="tiny",
+    model=ModelSection(n_layer=2, n_head=2, n_embd=32, block_size=16),
+    data=DataSection(dataset="tiny", source={source!r}, tokenizer="char", batch_size=4,
+                     split_chunk=1024),
+    optim=OptimSection(lr=1e-2, weight_decay=0.1),
+    schedule=ScheduleSection(max_steps={steps}, warmup_steps=5, min_lr_ratio=0.1),
+    eval=EvalSection(interval={eval_interval}, batches=2, log_interval=1, sample_tokens=20),
+    checkpoint=CheckpointSection(interval={ckpt_interval}, keep=2),
+)
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A ~24 kB text file: the opening of a bundled play (real text, so the loss can fall)."""
+    from jaxgpt.data import corpus_files
+
+    text = corpus_files("shakespeare")[0].read_text(encoding="utf-8")[:24_000]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_experiment_file(tmp_path, tiny_corpus):
+    """Writes the tiny experiment as a .py file: write(steps, eval_interval, ckpt_interval)."""
+
+    def write(steps=30, eval_interval=15, ckpt_interval=10, name="tiny.py"):
+        path = tmp_path / name
+        path.write_text(
+            TINY_EXPERIMENT.format(
+                source=str(tiny_corpus),
+                steps=steps,
+                eval_interval=eval_interval,
+                ckpt_interval=ckpt_interval,
+            )
+        )
+        return path
+
+    return write

@@ -1,0 +1,41 @@
+"""`jaxgpt prepare SOURCE OUT_DIR`: tokenise a corpus into train.bin / val.bin / meta.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxgpt.data import BUNDLED, prepare
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="tokenise a corpus into train/val token files",
+        description="Tokenise a corpus (the bundled Shakespeare plays, a .txt file or a "
+        "directory of .txt files) into OUT_DIR/train.bin, val.bin and meta.json, streaming it "
+        "in pieces. Pieces go to train or val by a seeded draw, so the split is reproducible.",
+    )
+    parser.add_argument("source", metavar="SOURCE", help=f"{BUNDLED!r}, a .txt file or a dir")
+    parser.add_argument("out", metavar="OUT_DIR", type=Path, help="where the token files go")
+    parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (0.1)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (0)")
+    parser.add_argument(
+        "--split-chunk", type=int, default=8192, help="characters per split piece (8192)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    meta = prepare(
+        args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+        split_seed=args.split_seed, split_chunk=args.split_chunk, progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"{args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+        f"({meta['tokenizer']}, vocabulary {meta['vocab_size']}, {meta['dtype']}) "
+        f"from {len(meta['files'])} file(s)"
+    )
+    return 0

@@ -1,0 +1,65 @@
+"""`jaxgpt train EXPERIMENT [--set key=value ...]`: train, checkpoint, resume, print a sample."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxgpt.experiment import available_experiments, load_experiment
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model from an experiment config (resumes automatically)",
+        description="Train the experiment defined in experiments/EXPERIMENT.py (or a .py path). "
+        "The run directory keeps config, checkpoints, metrics.jsonl and loss.png; if it already "
+        "holds a checkpoint of the same config, training resumes from it exactly.",
+    )
+    parser.add_argument(
+        "experiment",
+        metavar="EXPERIMENT",
+        help=f"an experiment name ({', '.join(available_experiments())}) or a .py file",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field, e.g. --set optim.lr=3e-3 --set schedule.max_steps=500",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="run directory (runs/<name>)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="prepared data root (./data)"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="discard the run directory's checkpoints and restart"
+    )
+    parser.add_argument("--no-sample", action="store_true", help="skip the final sample")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxgpt.train import run as train_run
+
+    exp = load_experiment(args.experiment, args.overrides)
+    out = args.out if args.out is not None else Path("runs") / exp.name
+    result = train_run(
+        exp, run_dir=out, data_root=args.data_dir, fresh=args.fresh, progress=not args.quiet,
+        sample=not args.no_sample,
+    )  # fmt: skip
+    if result.interrupted:
+        print(
+            f"interrupted at step {result.step}: checkpoint saved in {out}; "
+            f"run the same command again to resume"
+        )
+        return 130
+    figures = [f"step {result.step}", f"{result.tokens_seen:,} tokens", f"{result.wall_s:.0f} s"]
+    if result.val_loss is not None:
+        figures.insert(0, f"val loss {result.val_loss:.4f} (train {result.train_loss:.4f})")
+    if result.tokens_per_s:
+        figures.append(f"{result.tokens_per_s:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%")
+    print(f"{exp.name}: " + ", ".join(figures))
+    print(f"run directory: {out} (loss curve: {out / 'loss.png'})")
+    if result.sample is not None:
+        print("-" * 30 + " sample " + "-" * 30)
+        print(result.sample)
+    return 0

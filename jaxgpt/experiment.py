@@ -1,0 +1,326 @@
+"""Experiment configs: what one training run is, as frozen dataclasses.
+
+An experiment is a Python file `experiments/NAME.py` that defines `EXPERIMENT = Experiment(...)`.
+It has six sections, each a frozen dataclass:
+
+    model       shape of the GPT (or where to initialise it from) and its dropout / compute dtype
+    data        which corpus, how it is tokenised and split, the batch size
+    optim       AdamW, weight decay, gradient clipping, gradient accumulation
+    schedule    number of steps, linear warmup, cosine decay to a floor
+    eval        how often and on how many batches train/val loss is measured
+    checkpoint  how often to save and how many checkpoints to keep
+
+Any field can be overridden on the command line with `--set section.field=value`; values are
+parsed and type-checked against the field's type, and an unknown key suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from jaxgpt.config import GPTConfig
+from jaxgpt.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The network. `init` is "scratch", a Hugging Face GPT-2 directory, or a jaxgpt run dir.
+
+    When `init` is a directory, the shape fields are taken from it and only dropout/dtype apply.
+    """
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    use_bias: bool = True
+    dtype: str = "float32"
+    init: str = "scratch"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """The corpus and its batches.
+
+    Attributes:
+      dataset: name of the prepared data directory, `<data_dir>/<dataset>`.
+      source: "shakespeare" (the bundled plays), a .txt file, or a directory of .txt files.
+      tokenizer: "char" (vocabulary = the corpus' characters) or "gpt2" (BPE).
+      val_fraction: share of the corpus held out for validation.
+      split_seed: seed of the deterministic train/val split (chunks of `split_chunk` characters).
+      split_chunk: size in characters of the pieces assigned to train or val.
+      batch_size: sequences per micro-batch (B); the global batch is B · optim.grad_accum.
+      seed: seed of the batch sampler (which windows each step sees).
+    """
+
+    dataset: str = "shakespeare_char"
+    source: str = "shakespeare"
+    tokenizer: str = "char"
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    split_chunk: int = 8192
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    """AdamW with global-norm clipping; weight decay on ≥2-D matrices only."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSection:
+    """Linear warmup from 0 to optim.lr, then cosine decay to `min_lr_ratio · lr` at max_steps."""
+
+    max_steps: int = 2000
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    seed: int = 0  # parameter init and dropout keys
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Train/val loss on `batches` fixed batches every `interval` steps; log every log_interval."""
+
+    interval: int = 250
+    batches: int = 20
+    log_interval: int = 10
+    sample_tokens: int = 500
+    sample_prompt: str = "\n"
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = no top-k filter
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """Save every `interval` steps, at the end and on Ctrl-C; keep the last `keep` + the best."""
+
+    interval: int = 250
+    keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str = "experiment"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    eval: EvalSection = EvalSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Experiment:
+        sections = {}
+        for field in dataclasses.fields(cls):
+            if field.name == "name":
+                continue
+            section_cls = _section_types()[field.name]
+            sections[field.name] = section_cls(**d.get(field.name, {}))
+        return cls(name=d.get("name", "experiment"), **sections)
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        """The GPTConfig of a from-scratch model with this vocabulary size."""
+        m = self.model
+        return GPTConfig(
+            vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+            n_embd=m.n_embd, embd_dropout=m.dropout, attn_dropout=m.dropout,
+            resid_dropout=m.dropout, use_bias=m.use_bias, dtype=m.dtype,
+        )  # fmt: skip
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.batch_size * self.optim.grad_accum * self.model.block_size
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Experiment)
+    return {name: t for name, t in hints.items() if name != "name"}
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{section}.{name} must be a positive integer, got {value!r}")
+
+
+def validate(exp: Experiment) -> None:
+    """Raise ConfigError for values no run could use (types are checked by `apply_overrides`)."""
+    _positive("model", exp.model, "n_layer", "n_head", "n_embd", "block_size")
+    _positive("data", exp.data, "batch_size", "split_chunk")
+    _positive("optim", exp.optim, "grad_accum")
+    _positive("schedule", exp.schedule, "max_steps")
+    _positive("eval", exp.eval, "interval", "batches", "log_interval")
+    _positive("checkpoint", exp.checkpoint, "interval", "keep")
+    if not 0.0 < exp.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {exp.data.val_fraction!r}")
+    if exp.data.tokenizer not in ("char", "gpt2"):
+        raise ConfigError(f"data.tokenizer must be 'char' or 'gpt2', got {exp.data.tokenizer!r}")
+    if exp.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {exp.optim.lr!r}")
+    if not 0.0 <= exp.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"schedule.min_lr_ratio must be in [0, 1], got {exp.schedule.min_lr_ratio!r}"
+        )
+    if not 0 <= exp.schedule.warmup_steps < exp.schedule.max_steps:
+        raise ConfigError(
+            f"schedule.warmup_steps must be in [0, max_steps={exp.schedule.max_steps}), "
+            f"got {exp.schedule.warmup_steps!r}"
+        )
+    if not 0.0 <= exp.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {exp.model.dropout!r}")
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def valid_keys() -> list[str]:
+    """Every `section.field` that `--set` accepts."""
+    keys = ["name"]
+    for section, cls in _section_types().items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _parse_value(key: str, text: str, annotation: Any) -> Any:
+    """`text` as a value of the field's type; ConfigError naming the key if it is not one."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(annotation), annotation)
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"--set {key}={text}: expected a boolean (true/false), got {text!r}")
+    if kind is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"--set {key}={text}: expected an integer, got {text!r}") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--set {key}={text}: expected a number, got {text!r}") from None
+    return text
+
+
+def apply_overrides(exp: Experiment, assignments: list[str]) -> Experiment:
+    """`exp` with each "section.field=value" applied (parsed to the field's type)."""
+    keys = valid_keys()
+    changes: dict[str, Any] = {}  # validated together, so the order of --set does not matter
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {assignment!r}")
+        if key not in keys:
+            hint = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            if not hint:  # a bare field name: find its section
+                hint = [k for k in keys if k.split(".")[-1] == key.split(".")[-1]][:1]
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"--set: unknown key {key!r}{suggestion} (keys look like optim.lr)")
+        if key == "name":
+            changes["name"] = text
+            continue
+        section_name, field_name = key.split(".")
+        section = changes.get(section_name, getattr(exp, section_name))
+        annotation = typing.get_type_hints(type(section))[field_name]
+        value = _parse_value(key, text, annotation)
+        changes[section_name] = dataclasses.replace(section, **{field_name: value})
+    return dataclasses.replace(exp, **changes) if changes else exp
+
+
+def diff(a: Experiment, b: Experiment) -> list[str]:
+    """The `section.field` keys whose values differ between two experiments."""
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for key in valid_keys():
+        parts = key.split(".")
+        va, vb = da, db
+        for p in parts:
+            va, vb = (
+                va.get(p) if isinstance(va, dict) else None,
+                vb.get(p) if isinstance(vb, dict) else None,
+            )
+        if va != vb:
+            out.append(key)
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def experiment_dirs() -> list[Path]:
+    """Where experiment names are looked up: ./experiments, then the repository's experiments/."""
+    repo = Path(__file__).resolve().parent.parent / "experiments"
+    return [Path.cwd() / "experiments", repo]
+
+
+def available_experiments() -> list[str]:
+    names = set()
+    for d in experiment_dirs():
+        if d.is_dir():
+            names |= {p.stem for p in d.glob("*.py") if not p.stem.startswith("_")}
+    return sorted(names)
+
+
+def find_experiment(spec: str) -> Path:
+    """The file of experiment `spec`: a path to a .py file, or a name in `experiment_dirs()`."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"experiment file {spec!r} does not exist")
+        return path
+    for d in experiment_dirs():
+        candidate = d / f"{spec}.py"
+        if candidate.is_file():
+            return candidate
+    known = available_experiments()
+    hint = difflib.get_close_matches(spec, known, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ConfigError(
+        f"unknown experiment {spec!r}{suggestion}; known experiments: "
+        f"{', '.join(known) or '(none)'}, or pass the path of a .py file"
+    )
+
+
+def load_experiment(spec: str, overrides: list[str] | None = None) -> Experiment:
+    """Load `EXPERIMENT` from an experiment file (by name or path) and apply `--set` overrides."""
+    path = find_experiment(spec)
+    module_spec = importlib.util.spec_from_file_location(f"jaxgpt_experiment_{path.stem}", path)
+    module = types.ModuleType(module_spec.name)
+    module.__file__ = str(path)
+    try:
+        module_spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"experiment file {path} failed to load: {err}") from err
+    exp = getattr(module, "EXPERIMENT", None)
+    if not isinstance(exp, Experiment):
+        raise ConfigError(f"{path} must define EXPERIMENT = jaxgpt.experiment.Experiment(...)")
+    return apply_overrides(exp, overrides or [])

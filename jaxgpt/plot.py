@@ -1,0 +1,57 @@
+"""The loss curve of a run: train loss per logged step and train/val loss at each evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxgpt.errors import InputError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise InputError(f"{run_dir} has no {METRICS_FILE}; is it a jaxgpt run directory?")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the loss curve of `run_dir` to `out` (default `run_dir/loss.png`); return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train and not evals:
+        raise InputError(f"{run_dir}/{METRICS_FILE} has no logged steps yet")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.6,
+                label="train loss (logged steps)")  # fmt: skip
+    if evals:
+        steps = [r["step"] for r in evals]
+        ax.plot(steps, [r["train_loss"] for r in evals], "o-", label="train loss (eval batches)")
+        ax.plot(steps, [r["val_loss"] for r in evals], "s-", label="val loss")
+        best = min(evals, key=lambda r: r["val_loss"])
+        ax.set_title(f"{Path(run_dir).name}: best val loss {best['val_loss']:.4f} "
+                     f"at step {best['step']}")  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(out) if out is not None else Path(run_dir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

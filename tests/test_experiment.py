@@ -1,0 +1,87 @@
+"""Experiment configs: loading by name or path, --set overrides, and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxgpt.cli import main
+from jaxgpt.errors import ConfigError
+from jaxgpt.experiment import apply_overrides, available_experiments, diff, load_experiment
+
+
+def test_bundled_experiments_load():
+    for name in ("shakespeare_char", "shakespeare_gpt2", "gpt2_124m"):
+        assert name in available_experiments()
+        exp = load_experiment(name)
+        assert exp.name == name
+
+
+def test_load_by_path_and_override(tiny_experiment_file):
+    path = tiny_experiment_file(steps=30)
+    exp = load_experiment(str(path), ["optim.lr=3e-3", "model.n_layer=3", "eval.top_k=5"])
+    assert exp.optim.lr == 3e-3 and exp.model.n_layer == 3 and exp.eval.top_k == 5
+    assert exp.model.n_embd == 32  # untouched fields keep the file's values
+    assert sorted(diff(load_experiment(str(path)), exp)) == [
+        "eval.top_k", "model.n_layer", "optim.lr",
+    ]  # fmt: skip
+
+
+def test_overrides_are_validated_together():
+    exp = load_experiment("shakespeare_char")
+    # Alone, max_steps=50 is below the warmup; with the warmup lowered too it is fine.
+    out = apply_overrides(exp, ["schedule.max_steps=50", "schedule.warmup_steps=5"])
+    assert out.schedule.max_steps == 50
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        apply_overrides(exp, ["schedule.max_steps=50"])
+
+
+def test_bool_and_string_values():
+    exp = apply_overrides(
+        load_experiment("shakespeare_char"), ["optim.decay_embeddings=false", "name=other"]
+    )
+    assert exp.optim.decay_embeddings is False and exp.name == "other"
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
+        ("lr=1e-3", "did you mean 'optim.lr'"),
+        ("optim.lr=fast", "expected a number"),
+        ("model.n_layer=2.5", "expected an integer"),
+        ("optim.decay_embeddings=maybe", "expected a boolean"),
+        ("optim.lr", "key=value"),
+        ("model.dropout=1.5", "model.dropout"),
+    ],
+)
+def test_bad_overrides(assignment, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment("shakespeare_char", [assignment])
+
+
+def test_unknown_experiment_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'shakespeare_char'"):
+        load_experiment("shakespear_char")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment("nowhere/missing.py")
+
+
+def test_experiment_file_without_experiment(tmp_path):
+    path = tmp_path / "empty.py"
+    path.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match="must define EXPERIMENT"):
+        load_experiment(str(path))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "no_such_experiment"],
+        ["train", "shakespeare_char", "--set", "optim.lrr=1"],
+        ["train", "shakespeare_char", "--set", "schedule.max_steps=ten"],
+    ],
+)
+def test_cli_bad_input_exits_2(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxgpt train: error:") and "Traceback" not in err

@@ -1,0 +1,145 @@
+"""Training: the pure step (accumulation), a smoke run whose loss falls, and the run's errors."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint
+from jaxgpt.cli import main
+from jaxgpt.cli.common import load_model
+from jaxgpt.config import GPTConfig
+from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError
+from jaxgpt.experiment import apply_overrides, load_experiment
+from jaxgpt.optim import make_optimizer
+from jaxgpt.params import init_params
+from jaxgpt.plot import read_metrics
+from jaxgpt.train import (
+    TrainingDiverged,
+    init_train_state,
+    jit_train_step,
+    make_train_step,
+    run,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_corpus):
+    """A finished 30-step tiny run: (experiment, result, data root)."""
+    from tests.conftest import TINY_EXPERIMENT
+
+    root = tmp_path_factory.mktemp("trained")
+    path = root / "tiny.py"
+    path.write_text(
+        TINY_EXPERIMENT.format(
+            source=str(tiny_corpus), steps=30, eval_interval=15, ckpt_interval=10
+        )
+    )
+    exp = load_experiment(str(path))
+    result = run(exp, run_dir=root / "run", data_root=root / "data", progress=False)
+    return exp, result, root / "data"
+
+
+def test_smoke_run_loss_decreases(trained):
+    _, result, _ = trained
+    rows = read_metrics(result.run_dir)
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 30  # log_interval 1
+    vocab = GPTConfig.from_dict(checkpoint.read_json(result.run_dir / "model.json")).vocab_size
+    assert losses[0] == pytest.approx(math.log(vocab), abs=0.3)  # uniform at init
+    assert np.mean(losses[-5:]) < losses[0] - 0.8
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert result.val_loss == evals[1]["val_loss"] and result.tokens_seen == 30 * 4 * 16
+    assert (result.run_dir / "loss.png").stat().st_size > 1000
+    assert isinstance(result.sample, str) and len(result.sample) >= 20
+    assert checkpoint.latest_step(result.run_dir) == 30
+
+
+def test_run_dir_loads_for_inference(trained):
+    _, result, _ = trained
+    assert checkpoint.is_run_dir(result.run_dir)
+    loaded = load_model(str(result.run_dir))
+    assert loaded.config.n_layer == 2 and loaded.tokenizer.name == "char"
+    assert "step 30" in loaded.source
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("To be")) == "To be"
+
+
+def test_accumulation_equals_one_big_batch():
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    exp = load_experiment("shakespeare_char", ["schedule.warmup_steps=0"])
+    opt = make_optimizer(exp.optim, exp.schedule)
+    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    batch = np.random.RandomState(0).randint(0, 50, (2, 3, 9)).astype(np.int32)
+    step = jit_train_step(make_train_step(config, opt))
+    key = jax.random.key(1)
+    copy = jax.tree.map(np.array, params)  # the step donates (deletes) its input state
+    a, m_a = step(init_train_state(params, opt), batch, key)
+    b, m_b = step(init_train_state(copy, opt), batch.reshape(1, 6, 9), key)
+    np.testing.assert_allclose(m_a["loss"], m_b["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_a["grad_norm"], m_b["grad_norm"], rtol=1e-5)
+    # Adam's first update is about lr · sign(grad): compare at a fraction of lr (3e-3).
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    assert int(a.step) == 1
+
+
+def test_different_config_in_run_dir(trained):
+    exp, result, data_root = trained
+    other = apply_overrides(exp, ["model.n_layer=1"])
+    with pytest.raises(ConfigError, match=r"different config.*model\.n_layer.*--fresh"):
+        run(other, run_dir=result.run_dir, data_root=data_root, progress=False)
+    assert checkpoint.latest_step(result.run_dir) == 30  # nothing was touched
+
+
+def test_corrupt_checkpoint(trained, tmp_path):
+    exp, result, data_root = trained
+    copy = tmp_path / "run"
+    shutil.copytree(result.run_dir, copy)
+    for f in (copy / "checkpoints" / "30").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and f.suffix != ".json":
+            f.write_bytes(b"\0garbage" * 4)
+    with pytest.raises(CheckpointFormatError, match=r"checkpoints/30 is corrupt"):
+        run(exp, run_dir=copy, data_root=data_root, progress=False)
+    assert (copy / "checkpoints" / "20").is_dir()  # the earlier one is still there
+
+
+def test_nan_loss_stops_and_keeps_last_good(trained, tmp_path):
+    exp, _, data_root = trained
+    bad = apply_overrides(
+        exp, ["optim.lr=1e12", "optim.grad_clip=0", "schedule.warmup_steps=0",
+              "checkpoint.interval=1", "schedule.max_steps=20"],
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"at step (\d+)") as info:
+        run(bad, run_dir=tmp_path / "run", data_root=data_root, progress=False)
+    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    assert checkpoint.latest_step(tmp_path / "run") == bad_step - 1
+    rows = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+
+
+def test_unwritable_run_dir(trained, tmp_path, tiny_experiment_file):
+    exp, _, data_root = trained
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="not writable"):
+        run(exp, run_dir=blocker / "run", data_root=data_root, progress=False)
+    argv = ["train", str(tiny_experiment_file()), "--out", str(blocker / "run"), "--quiet",
+            "--data-dir", str(data_root)]  # fmt: skip
+    assert main(argv) == 2
+
+
+def test_corpus_smaller_than_a_block(tmp_path, tiny_experiment_file, capsys):
+    exp = load_experiment(str(tiny_experiment_file()))
+    (tmp_path / "small.txt").write_text("To be.\n")
+    small = apply_overrides(exp, [f"data.source={tmp_path / 'small.txt'}", "data.dataset=small"])
+    with pytest.raises(InputError, match="fewer than one block"):
+        run(small, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
+    missing = apply_overrides(exp, [f"data.source={tmp_path / 'nope'}", "data.dataset=nope"])
+    with pytest.raises(InputError, match="does not exist"):
+        run(missing, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
