@@ -487,8 +487,12 @@ def lr_of(exp: Experiment) -> optax.Schedule:
 def end_of_training_sample(
     params: Params, config: GPTConfig, tokenizer: Tokenizer, exp: Experiment
 ) -> str:
-    """Text sampled from the trained model with the experiment's eval.sample_* settings."""
-    from jaxgpt.train_sample import sample_text
+    """Text sampled from the trained model with the experiment's eval.sample_* settings.
+
+    Uses the KV-cache decoder (`jaxgpt.decode.generate`). A sample longer than the context is
+    made in chunks of half a block, each continuing from the last half block of text.
+    """
+    from jaxgpt.decode import generate
 
     prompt = exp.eval.sample_prompt
     if tokenizer.eot_token is not None and not prompt:
@@ -498,8 +502,15 @@ def end_of_training_sample(
             prompt_ids = tokenizer.encode(prompt)
         except JaxgptError:
             prompt_ids = tokenizer.encode(tokenizer.decode([0]))
-    ids = sample_text(
-        params, config, prompt_ids, exp.eval.sample_tokens, temperature=exp.eval.temperature,
-        top_k=exp.eval.top_k or None, seed=exp.schedule.seed,
-    )  # fmt: skip
-    return tokenizer.decode(prompt_ids + ids)
+    chunk = max(1, config.block_size // 2)
+    key = jax.random.key(exp.schedule.seed)
+    new_ids: list[int] = []
+    while len(new_ids) < exp.eval.sample_tokens:
+        n = min(chunk, exp.eval.sample_tokens - len(new_ids))
+        context = (list(prompt_ids) + new_ids)[-(config.block_size - chunk) :] or [0]
+        out = generate(
+            params, config, context, n, key=jax.random.fold_in(key, len(new_ids)),
+            temperature=exp.eval.temperature, top_k=exp.eval.top_k or None,
+        )  # fmt: skip
+        new_ids += list(out[len(context) :])
+    return tokenizer.decode(list(prompt_ids) + new_ids)
