@@ -144,6 +144,7 @@ def load_run_for_inference(
     `overrides` replace GPTConfig fields (e.g. dtype="bfloat16"); shape changes are an error.
     """
     from jaxgpt.experiment import Experiment
+    from jaxgpt.optim import make_optimizer
     from jaxgpt.train import abstract_train_state
 
     run_dir = Path(path)
@@ -155,7 +156,12 @@ def load_run_for_inference(
     if step is None:
         raise CheckpointFormatError(f"run directory {run_dir} has no checkpoint yet")
     manager = open_manager(run_dir, keep=experiment.checkpoint.keep)
-    state, _ = restore(manager, step, abstract_train_state(config, experiment))
+    optimizer = make_optimizer(experiment.optim, experiment.schedule)
+    abstract = abstract_train_state(config, optimizer)
+    # Onto this process's first device, whatever mesh the checkpoint was written from.
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = abstract_train_state(config, optimizer, jax.tree.map(lambda _: one_device, abstract))
+    state, _ = restore(manager, step, abstract)
     manager.close()
     if overrides:
         shape_fields = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "use_bias"}

@@ -251,13 +251,25 @@ def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:
 
 
 def get_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, *, accum: int = 1
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    seed: int,
+    step: int,
+    *,
+    accum: int = 1,
+    rows: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """`[accum, batch_size, block_size + 1]` int32 windows drawn uniformly from `tokens`.
 
     The draw is a pure function of (seed, step): inputs are `[..., :-1]`, targets `[..., 1:]`.
+    With `rows=(start, stop)` only those rows of each micro-batch are read (a host's share of the
+    global batch in a multi-process run): the result is `[accum, stop - start, block_size + 1]`,
+    equal to the same slice of the whole batch.
     """
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - block_size, size=accum * batch_size)
-    windows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int32)
-    return windows.reshape(accum, batch_size, block_size + 1)
+    starts_AB = rng.integers(0, len(tokens) - block_size, size=(accum, batch_size))
+    if rows is not None:
+        starts_AB = starts_AB[:, rows[0] : rows[1]]
+    windows = np.stack([tokens[s : s + block_size + 1] for s in starts_AB.reshape(-1)])
+    return windows.astype(np.int32).reshape(*starts_AB.shape, block_size + 1)

@@ -26,6 +26,7 @@ from typing import Any
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import ConfigError
+from jaxgpt.sharding import parse_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,17 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelSection:
+    """How the train step is laid out on devices (see `jaxgpt.sharding` and docs/sharding.md).
+
+    `mesh` gives axis sizes, e.g. "data=2,fsdp=4" or "fsdp=-1,tensor=2" (-1: the rest); empty
+    puts every device on the data axis. It may change between a run and its resumption.
+    """
+
+    mesh: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str = "experiment"
     model: ModelSection = ModelSection()
@@ -124,6 +136,7 @@ class Experiment:
     schedule: ScheduleSection = ScheduleSection()
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    parallel: ParallelSection = ParallelSection()
 
     def __post_init__(self) -> None:
         validate(self)
@@ -173,6 +186,7 @@ def validate(exp: Experiment) -> None:
     _positive("data", exp.data, "batch_size", "split_chunk")
     _positive("optim", exp.optim, "grad_accum")
     _positive("schedule", exp.schedule, "max_steps")
+    parse_mesh(exp.parallel.mesh)  # a malformed mesh is an error now, not at the first step
     _positive("eval", exp.eval, "interval", "batches", "log_interval")
     _positive("checkpoint", exp.checkpoint, "interval", "keep")
     if not 0.0 < exp.data.val_fraction < 1.0:

@@ -88,9 +88,29 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token batches `[B, T]`: rows split over data × fsdp."""
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+def batch_sharding(mesh: Mesh, *, accum: bool = False) -> NamedSharding:
+    """Token batches `[B, T]` (or `[A, B, T]` micro-batches): rows split over data × fsdp."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, None) if accum else P(BATCH_AXES, None))
+
+
+def host_rows(batch_size: int) -> tuple[int, int] | None:
+    """This process's contiguous rows of a global batch (None in a single-process run)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return None
+    if batch_size % n:
+        raise ConfigError(f"the batch size {batch_size} is not divisible by the {n} processes")
+    share = batch_size // n
+    return i * share, (i + 1) * share
+
+
+def put_batch(
+    local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]
+) -> jax.Array:
+    """A global batch array from this process's rows (`host_rows`) of it."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
 
 # --------------------------------------------------------------------------- the mesh

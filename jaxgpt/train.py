@@ -30,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxgpt import checkpoint, data, flops
+from jaxgpt import checkpoint, data, flops, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
@@ -43,7 +45,8 @@ from jaxgpt.tokenizer import Tokenizer
 
 EVAL_SEED = 1234  # eval windows are fixed across evaluations and runs
 # Changing these does not change what the model computes, so a run may resume with new values.
-RESUMABLE_KEYS = ("eval.", "checkpoint.", "name")
+# The mesh too: checkpoints restore into whatever layout the resumed run uses.
+RESUMABLE_KEYS = ("eval.", "checkpoint.", "parallel.", "name")
 
 
 class TrainingDiverged(JaxgptError):
@@ -118,22 +121,41 @@ def make_eval_loss(config: GPTConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_step(config: GPTConfig, optim: OptimSection, schedule: ScheduleSection):
-    """(optimizer, jitted train step) for these settings, cached so that several runs in one
-    process (a notebook, the tests) compile the step once."""
+def compiled_step(config: GPTConfig, optim: OptimSection, schedule: ScheduleSection, mesh: Mesh):
+    """(optimizer, jitted train step, state shardings) for these settings on `mesh`.
+
+    The state is laid out by `jaxgpt.sharding`'s partition rules and the batch split over
+    data × fsdp; cached so that several runs in one process (a notebook, the tests) compile once.
+    """
     optimizer = make_optimizer(optim, schedule)
-    return optimizer, jit_train_step(make_train_step(config, optimizer))
+    state_shardings = sharding.tree_shardings(abstract_train_state(config, optimizer), mesh)
+    replicated = NamedSharding(mesh, P())
+    step_fn = jit_train_step(
+        make_train_step(config, optimizer),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh, accum=True), replicated),
+        out_shardings=(state_shardings, replicated),
+    )
+    return optimizer, step_fn, state_shardings
 
 
 def init_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
 
 
-def abstract_train_state(config: GPTConfig, experiment: Experiment) -> TrainState:
-    """The train state's structure as ShapeDtypeStructs (what a checkpoint restores into)."""
-    optimizer = make_optimizer(experiment.optim, experiment.schedule)
-    return jax.eval_shape(
+def abstract_train_state(
+    config: GPTConfig, optimizer: optax.GradientTransformation, shardings: object = None
+) -> TrainState:
+    """The train state's structure as ShapeDtypeStructs (what a checkpoint restores into),
+    carrying `shardings` (a matching pytree) when given, so orbax restores onto that layout."""
+    abstract = jax.eval_shape(
         lambda key: init_train_state(init_params(config, key), optimizer), jax.random.key(0)
+    )
+    if shardings is None:
+        return abstract
+    return jax.tree.map(
+        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
+        abstract,
+        shardings,
     )
 
 
@@ -288,8 +310,15 @@ def run(
     progress: bool = True,
     sample: bool = True,
 ) -> RunResult:
-    """Train `exp` in `run_dir` (resuming from its latest checkpoint unless `fresh`)."""
+    """Train `exp` in `run_dir` (resuming from its latest checkpoint unless `fresh`).
+
+    On several devices the step runs on the mesh `exp.parallel.mesh`; in a multi-process run each
+    process reads its share of every batch and only process 0 writes metrics, plots and bars.
+    """
     run_dir, data_root = Path(run_dir), Path(data_root)
+    main = sharding.is_main_process()
+    progress = progress and main
+    mesh = sharding.make_mesh(exp.parallel.mesh)  # a bad mesh fails before any work is done
     _check_writable(run_dir)
     data_dir = ensure_data(exp, data_root, progress=progress)
     meta = data.load_meta(data_dir)
@@ -319,11 +348,23 @@ def run(
     else:
         config, params = initial_params(exp, tokenizer.n_vocab, meta["tokenizer"])
         check_params(params, config)
-    optimizer, step_fn = compiled_step(config, exp.optim, exp.schedule)
+    sharding.check_parallelism(config, mesh, B)
+    optimizer, step_fn, state_shardings = compiled_step(config, exp.optim, exp.schedule, mesh)
+    abstract_state = abstract_train_state(config, optimizer, state_shardings)
+    if main:
+        per_device = sharding.bytes_per_device(abstract_state, mesh)
+        total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_state))
+        axes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        print(
+            f"mesh {axes} on {mesh.size} {jax.devices()[0].platform} device(s): parameters + "
+            f"optimiser state {per_device / 2**20:,.1f} MiB per device "
+            f"({total / 2**20:,.1f} MiB in all)",
+            file=sys.stderr,
+        )
     manager = checkpoint.open_manager(run_dir, keep=exp.checkpoint.keep)
     elapsed_before = 0.0
     if last is not None:
-        state, loader = checkpoint.restore(manager, last, abstract_train_state(config, exp))
+        state, loader = checkpoint.restore(manager, last, abstract_state)
         if loader.get("seed") != exp.data.seed or loader.get("step") != int(state.step):
             raise CheckpointFormatError(
                 f"checkpoint {last} in {run_dir} has an inconsistent loader state {loader}"
@@ -331,13 +372,23 @@ def run(
         elapsed_before = float(loader.get("elapsed_s", 0.0))
         print(f"resuming {run_dir} from step {last}", file=sys.stderr)
     else:
-        state = jax.jit(init_train_state, static_argnums=1)(params, optimizer)
-        checkpoint.write_run_files(run_dir, exp.to_dict(), config, tokenizer)
+        init = jax.jit(init_train_state, static_argnums=1, out_shardings=state_shardings)
+        state = init(params, optimizer)
+        if main:
+            checkpoint.write_run_files(run_dir, exp.to_dict(), config, tokenizer)
 
     # ---- compiled functions and fixed eval batches
     eval_loss = make_eval_loss(config)
+    rows = sharding.host_rows(B)  # this process reads only its share of every batch
+    eval_sharding = sharding.batch_sharding(mesh)
+    train_sharding = sharding.batch_sharding(mesh, accum=True)
+
+    def eval_batch(tokens: np.ndarray, i: int) -> jax.Array:
+        local = data.get_batch(tokens, B, T, EVAL_SEED, i, rows=rows)[0]
+        return sharding.put_batch(local, eval_sharding, (B, T + 1))
+
     eval_batches = {
-        split: [data.get_batch(tok, B, T, EVAL_SEED, i)[0] for i in range(exp.eval.batches)]
+        split: [eval_batch(tok, i) for i in range(exp.eval.batches)]
         for split, tok in (("train", train_tokens), ("val", val_tokens))
     }
     dropout_key = jax.random.fold_in(jax.random.key(exp.schedule.seed), 1)
@@ -352,13 +403,15 @@ def run(
 
     metrics_path = run_dir / checkpoint.METRICS_FILE
     start_step = int(state.step)
-    rows = _read_metrics(metrics_path, start_step)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics_file = metrics_path.open("a")
+    if main:
+        kept_rows = _read_metrics(metrics_path, start_step)
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept_rows))
+    metrics_file = metrics_path.open("a") if main else None
 
     def log(row: dict) -> None:
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        if main:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
 
     step = start_step
     pending: list[tuple[int, dict]] = []
@@ -421,8 +474,10 @@ def run(
                 if stop.stop:
                     interrupted = True
                     break
-                batch = data.get_batch(train_tokens, B, T, exp.data.seed, step, accum=A)
-                state, metrics = step_fn(state, batch, dropout_key)
+                local = data.get_batch(train_tokens, B, T, exp.data.seed, step, accum=A, rows=rows)
+                batch = sharding.put_batch(local, train_sharding, (A, B, T + 1))
+                with jax.set_mesh(mesh):  # activates the model's sharding hints
+                    state, metrics = step_fn(state, batch, dropout_key)
                 step += 1
                 window_steps += 1
                 pending.append((step, metrics))
@@ -452,7 +507,8 @@ def run(
                 save(with_metrics=False)
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         manager.close()
 
     if not interrupted and not last_eval:  # resumed a finished run: report its losses anyway
@@ -465,10 +521,12 @@ def run(
     )  # fmt: skip
     if interrupted:
         return result
+    if not main:
+        return result
     from jaxgpt.plot import plot_run
 
     plot_run(run_dir)
-    if sample and exp.eval.sample_tokens > 0:
+    if sample and exp.eval.sample_tokens > 0 and jax.process_count() == 1:
         result.sample = end_of_training_sample(state.params, config, tokenizer, exp)
     return result
 

@@ -5,13 +5,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Eight simulated CPU devices for the multi-device tests (must be set before JAX starts);
-# single-device code simply uses the first.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-
 import jax
 import numpy as np
 import pytest

@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a field, e.g. --set optim.lr=3e-3 --set schedule.max_steps=500",
     )  # fmt: skip
+    parser.add_argument(
+        "--mesh", default=None, metavar="AXIS=SIZE,...",
+        help="device mesh, e.g. data=2,fsdp=4 (default: all devices on data); "
+        "same as --set parallel.mesh=...",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="run directory (runs/<name>)")
     parser.add_argument(
         "--data-dir", type=Path, default=Path("data"), help="prepared data root (./data)"
@@ -38,9 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxgpt.sharding import maybe_initialize_distributed
     from jaxgpt.train import run as train_run
 
-    exp = load_experiment(args.experiment, args.overrides)
+    # Before anything touches a device: join a multi-host job if the environment describes one.
+    maybe_initialize_distributed()
+    overrides = list(args.overrides)
+    if args.mesh is not None:
+        overrides.append(f"parallel.mesh={args.mesh}")
+    exp = load_experiment(args.experiment, overrides)
     out = args.out if args.out is not None else Path("runs") / exp.name
     result = train_run(
         exp, run_dir=out, data_root=args.data_dir, fresh=args.fresh, progress=not args.quiet,
