@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.config import GPTConfig
+from jaxgpt.config import ATTENTION_BACKENDS, GPTConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.sharding import parse_mesh
 
@@ -43,6 +43,7 @@ class ModelSection:
     dropout: float = 0.0
     use_bias: bool = True
     dtype: str = "float32"
+    attention: str = "xla"  # backend: xla | cudnn | pallas | auto (see docs/kernels.md)
     init: str = "scratch"
 
 
@@ -160,7 +161,7 @@ class Experiment:
         return GPTConfig(
             vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
             n_embd=m.n_embd, embd_dropout=m.dropout, attn_dropout=m.dropout,
-            resid_dropout=m.dropout, use_bias=m.use_bias, dtype=m.dtype,
+            resid_dropout=m.dropout, use_bias=m.use_bias, dtype=m.dtype, attention=m.attention,
         )  # fmt: skip
 
     @property
@@ -187,6 +188,10 @@ def validate(exp: Experiment) -> None:
     _positive("optim", exp.optim, "grad_accum")
     _positive("schedule", exp.schedule, "max_steps")
     parse_mesh(exp.parallel.mesh)  # a malformed mesh is an error now, not at the first step
+    if exp.model.attention not in ATTENTION_BACKENDS:
+        raise ConfigError(
+            f"model.attention must be one of {ATTENTION_BACKENDS}, got {exp.model.attention!r}"
+        )
     _positive("eval", exp.eval, "interval", "batches", "log_interval")
     _positive("checkpoint", exp.checkpoint, "interval", "keep")
     if not 0.0 < exp.data.val_fraction < 1.0:

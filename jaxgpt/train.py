@@ -238,8 +238,9 @@ def initial_params(
         params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(exp.schedule.seed))
         return config, params
     overrides = dict(
-        embd_dropout=m.dropout, attn_dropout=m.dropout, resid_dropout=m.dropout, dtype=m.dtype
-    )
+        embd_dropout=m.dropout, attn_dropout=m.dropout, resid_dropout=m.dropout, dtype=m.dtype,
+        attention=m.attention,
+    )  # fmt: skip
     if checkpoint.is_run_dir(m.init):
         config, params, _, _ = checkpoint.load_run_for_inference(m.init, **overrides)
     else:

@@ -80,6 +80,7 @@ def test_experiment_file_without_experiment(tmp_path):
         ["train", "shakespeare_char", "--set", "optim.lrr=1"],
         ["train", "shakespeare_char", "--set", "schedule.max_steps=ten"],
         ["train", "shakespeare_char", "--mesh", "pipeline=2"],
+        ["train", "shakespeare_char", "--set", "model.attention=flash9"],
         ["train", "shakespeare_char", "--mesh", "data=3"],  # 3 devices, but this process has 1
     ],
 )
