@@ -144,9 +144,9 @@ def _resolve_dir(path: str | Path) -> Path:
             pass
         except Exception as err:  # not cached: say so rather than trying the network
             raise CheckpointFormatError(
-                f"{name!r} is neither a directory nor a model in the local Hugging Face cache "
-                f"(jaxgpt never downloads at load time; fetch it first with "
-                f"`huggingface-cli download {name}`): {err}"
+                f"{name!r} is not a directory, nor a model in the local Hugging Face cache "
+                f"(jaxgpt never downloads; for a hub model, fetch it first with "
+                f"`huggingface-cli download {name}`)"
             ) from err
     raise CheckpointFormatError(f"model directory {str(path)!r} does not exist")
 
