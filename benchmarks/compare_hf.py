@@ -25,6 +25,7 @@ divided by a measured read bandwidth.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -204,9 +205,10 @@ def main() -> int:
             losses["jaxgpt"].append(float(metrics["loss"]))
 
         # The same AdamW on the torch side: decay on the ≥2-D weights (jaxgpt's decay_mask).
+        # Train a copy, so the decode rows still run both libraries on the same weights.
+        hf_train = copy.deepcopy(hf_model).train()
         flat_mask = jax.tree.leaves(decay_mask(params))
-        hf_model.train()
-        named = list(hf_model.named_parameters())
+        named = list(hf_train.named_parameters())
         decay = [p for _, p in named if p.ndim >= 2]
         no_decay = [p for _, p in named if p.ndim < 2]
         assert sum(flat_mask) == len(decay), "decay groups differ"
@@ -220,25 +222,24 @@ def main() -> int:
 
         def hf_step():
             with autocast():
-                logits = hf_model(inputs_pt).logits
+                logits = hf_train(inputs_pt).logits
                 loss = torch.nn.functional.cross_entropy(
                     logits.float().reshape(-1, logits.shape[-1]), targets_pt.reshape(-1)
                 )
             torch_opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf_model.parameters(), optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(hf_train.parameters(), optim.grad_clip)
             torch_opt.step()
             losses["transformers"].append(float(loss.detach()))
 
         timed = side_by_side({"jaxgpt": jax_step, "transformers": hf_step}, args.repeats)
-        hf_model.eval()
         note = (
             f"first-step loss jaxgpt {losses['jaxgpt'][0]:.4f} vs "
             f"transformers {losses['transformers'][0]:.4f}"
         )
         report("train", f"B={B} T={T}", B * T, flops_per_token(config, T, training=True),
                timed, note)  # fmt: skip
-        del state
+        del state, hf_train, torch_opt
 
     decode_rows = [r for r in ("decode1", "decode8") if r in args.rows]
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
