@@ -6,7 +6,7 @@ output is also compared with the XLA reference (max abs error), so a fast wrong 
 
 FLOPs count the two T×T matmuls of the forward over the full square, 4·B·H·T²·K (the convention
 of `jaxgpt.flops`), and 2.5× that for the backward's five matmuls (no recompute counted), so
-forward+backward is 3.5× the forward. On CPU no TFLOP/s are reported: Pallas runs in its
+forward+backward is 3.5× the forward. On CPU no TFLOP/s are reported for Pallas: it runs in its
 interpreter there, which measures the interpreter, not a kernel.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt.attention import multi_head_attention
-from jaxgpt.bench.timing import time_fn
+from jaxgpt.bench.timing import device_peak, peak_memory_bytes, time_fn
 from jaxgpt.config import get_preset
 from jaxgpt.errors import ConfigError
 
@@ -92,18 +92,21 @@ def run(args: argparse.Namespace) -> list[dict]:
             "pass": "fwd+bwd" if backward else "fwd",
             "seq": T,
             "batch": B,
-            "compile_s": timing.first_call_s,
+            "compile_s": timing.first_call_s - timing.median_s,
             "median_ms": timing.median_s * 1e3,
             "spread": timing.spread,
+            "tokens_per_s": B * T / timing.median_s,
         }
         if not backward:
             ref = jax.jit(lambda q, k, v: multi_head_attention(q, k, v, backend="xla"))(q, k, v)
             err = jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32) - ref.astype(jnp.float32)))
             row["max_err_vs_xla"] = float(err)
-        if on_cpu:
-            row["note"] = "interpreted" if backend == "pallas" else ""
-        else:
-            flops = attention_flops(B, H, T, K, backward=backward)
-            row["tflops"] = flops / timing.median_s / 1e12
+        interpreted = on_cpu and backend == "pallas"
+        if not interpreted:
+            achieved = attention_flops(B, H, T, K, backward=backward) / timing.median_s
+            row["tflops"] = achieved / 1e12
+            row["mfu"] = achieved / device_peak(args.dtype)[0]
+        row["note"] = "interpreted" if interpreted else ""
+        row["peak_mem_gb"] = peak_memory_bytes()[0] / 1e9
         rows.append(row)
     return rows

@@ -2,8 +2,10 @@
 
 Times the same jitted loop `generate` uses (`decode_padded`, greedy) on random weights, at batch 1
 and 8 (or --batch), in --dtype. Compilation is the first call minus a steady-state call and is
-reported apart. Prompt length (--seq) defaults to 64 and new tokens to 256, both shrunk to fit
-the model's block_size (the "tiny" preset: 16 + 48).
+reported apart. TFLOP/s and MFU are for the decode steps (2·N plus attention at the mean context
+length per token); at small batch a decode step is bound by reading the weights, not by FLOPs, so
+a low MFU there is expected. Prompt length (--seq) defaults to 64 and new tokens to 256, both
+shrunk to fit the model's block_size (the "tiny" preset: 16 + 48).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt.bench.timing import time_fn
+from jaxgpt.bench.timing import device_peak, peak_memory_bytes, time_fn
 from jaxgpt.config import get_preset
 from jaxgpt.decode import decode_padded
 from jaxgpt.errors import InputError
+from jaxgpt.flops import flops_per_token
 from jaxgpt.model import forward_cached, init_cache
 from jaxgpt.params import init_params
 from jaxgpt.sampling import Greedy
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             repeats=args.steps,
         )  # fmt: skip
         step_s = (loop.median_s - prefill.median_s) / (new_tokens - 1)
+        # Model FLOPs of a decode step at the mean context length over the generated tokens.
+        step_flops = batch * flops_per_token(config, prompt_len + new_tokens // 2, training=False)
         rows.append(
             {
                 "model": args.model,
@@ -71,8 +76,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "ms_per_step": 1e3 * step_s,
                 "tokens_per_s": batch * new_tokens / loop.median_s,
                 "decode_tokens_per_s": batch / step_s,
+                "tflops": step_flops / step_s / 1e12,
+                "mfu": step_flops / step_s / device_peak(args.dtype)[0],
                 "weights_MB": weight_bytes / 1e6,
                 "spread": loop.spread,
+                "peak_mem_gb": peak_memory_bytes()[0] / 1e9,
             }
         )
     return rows

@@ -8,12 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-from jaxgpt.config import PRESETS
+from jaxgpt.bench.timing import device_peak
+from jaxgpt.config import PRESETS, get_preset
 from jaxgpt.errors import InputError
 
 # Workload name → module under jaxgpt.bench defining `run(args) -> list[dict]`.
 WORKLOADS: dict[str, str] = {
     "forward": "jaxgpt.bench.forward",
+    "train": "jaxgpt.bench.train",
     "decode": "jaxgpt.bench.decode",
     "attention": "jaxgpt.bench.attention",
 }
@@ -61,13 +63,16 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name} must be >= 1, got {value}")
+    get_preset(args.model)  # an unknown preset fails here, before any timing
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    peak, source = device_peak(args.dtype)
+    print(f"MFU is relative to a peak of {peak / 1e12:.3g} TFLOP/s: {source}", file=sys.stderr)
     rows: list[dict] = []
     for name in names:
         print(f"== {name}", file=sys.stderr)
         module = importlib.import_module(WORKLOADS[name])
         new_rows = module.run(args)
-        rows += [{"workload": name, **row} for row in new_rows]
+        rows += [{"workload": name, **row, "peak_tflops": peak / 1e12} for row in new_rows]
         print(format_rows(new_rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
