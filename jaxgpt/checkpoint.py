@@ -157,10 +157,12 @@ def load_run_for_inference(
         raise CheckpointFormatError(f"run directory {run_dir} has no checkpoint yet")
     manager = open_manager(run_dir, keep=experiment.checkpoint.keep)
     optimizer = make_optimizer(experiment.optim, experiment.schedule)
-    abstract = abstract_train_state(config, optimizer)
     # Onto this process's first device, whatever mesh the checkpoint was written from.
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = abstract_train_state(config, optimizer, jax.tree.map(lambda _: one_device, abstract))
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
+        abstract_train_state(config, optimizer),
+    )
     state, _ = restore(manager, step, abstract)
     manager.close()
     if overrides:
