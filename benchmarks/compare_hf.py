@@ -107,7 +107,7 @@ def main() -> int:
     from jaxgpt.config import get_preset
     from jaxgpt.decode import generate
     from jaxgpt.experiment import OptimSection, ScheduleSection
-    from jaxgpt.flops import flops_per_token
+    from jaxgpt.flops import device_name, flops_per_token
     from jaxgpt.model import forward
     from jaxgpt.optim import decay_mask, make_optimizer
     from jaxgpt.params import init_params
@@ -132,7 +132,8 @@ def main() -> int:
     load = os.getloadavg()
     print(
         f"preset {args.model} ({sum(x.size for x in jax.tree.leaves(params)) / 1e6:.0f}M params), "
-        f"random weights, {args.dtype}; {args.threads} threads; jax {jax.__version__}, "
+        f"random weights, {args.dtype}; {device_name()}, {args.threads} threads; "
+        f"jax {jax.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         flush=True,
@@ -287,7 +288,8 @@ def main() -> int:
         if i == 0:
             print("-" * (sum(widths) + 2 * (len(widths) - 1)))
     if args.json is not None:
-        meta = {"model": args.model, "dtype": args.dtype, "threads": args.threads}
+        meta = {"model": args.model, "dtype": args.dtype, "threads": args.threads,
+                "device": device_name()}  # fmt: skip
         args.json.write_text(json.dumps({**meta, "rows": results}, indent=2) + "\n")
     return 0
 

@@ -8,6 +8,8 @@ N counts every matmul weight: the blocks and the tied output projection (wte), n
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import jax
@@ -47,6 +49,25 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 
+def device_name(device: jax.Device | None = None) -> str:
+    """What a benchmark ran on: the accelerator's kind, or for a CPU its model name and cores.
+
+    Ratios between libraries depend on the CPU (its vector units, and which BLAS its vendor
+    tunes for), so benchmark reports name it.
+    """
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        return device.device_kind
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def device_peak_flops(device: jax.Device | None = None, dtype: str = "float32") -> float | None:
     """The table's peak for `device` (default: the first device) and dtype, or None if unknown.
 
@@ -83,7 +104,7 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     if peak is not None:
         return peak, f"data sheet for {device.device_kind} ({dtype})"
     source = (
-        f"no data-sheet figure for {device.device_kind}; measured at start-up with a jitted "
+        f"no data-sheet figure for {device_name(device)}; measured at start-up with a jitted "
         f"2048x2048 {dtype} matmul"
     )
     return measure_matmul_flops(dtype=dtype), source

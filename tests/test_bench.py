@@ -5,12 +5,16 @@ Nothing here checks speed: these tests only check that the numbers are well-form
 
 import json
 import math
+import os
 
+import jax
 import pytest
 
 from jaxgpt.cli import main
 
-COMMON_KEYS = {"workload", "compile_s", "spread", "tokens_per_s", "peak_mem_gb", "peak_tflops"}
+COMMON_KEYS = {
+    "workload", "compile_s", "spread", "tokens_per_s", "peak_mem_gb", "peak_tflops", "device",
+}  # fmt: skip
 WORKLOAD_KEYS = {
     "forward": {"batch", "seq", "step_ms", "tflops", "mfu"},
     "train": {"batch", "seq", "step_ms", "tflops", "mfu"},
@@ -45,6 +49,8 @@ def test_workload_rows(capsys, tmp_path, workload):
         assert not missing, f"{workload} row lacks {missing}"
         assert row["compile_s"] > 0
         assert 0 < row["peak_mem_gb"] < 1e3
+        if jax.devices()[0].platform == "cpu":  # the CPU model and cores are in the report
+            assert row["device"].endswith(f"{os.cpu_count()} cores")
         assert row["tokens_per_s"] > 0 and math.isfinite(row["tokens_per_s"])
         if "mfu" in row:
             assert row["mfu"] == pytest.approx(row["tflops"] / row["peak_tflops"], rel=1e-6)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import struct
 
-from jaxgpt.decode import generate
+from jaxgpt.decode import decode_padded, generate
 from jaxgpt.errors import InputError
 from jaxgpt.pretrained import load_hf
 from jaxgpt.sampling import make_sampler
@@ -159,3 +159,20 @@ def test_sampling_without_key_is_an_error(model):
     config, params = model
     with pytest.raises(InputError, match="key"):
         generate(params, config, [1, 2], 2, temperature=1.0)
+
+
+def test_decode_loop_never_copies_the_kv_cache(model, prompts):
+    """The compiled loop updates each layer's cache without copying it (see the decode-step
+    comment in `jaxgpt.model.causal_self_attention`): no HLO `copy` of a cache-shaped array."""
+    config, params = model
+    B, T = prompts.shape
+    n_new = 8
+    compiled = decode_padded.lower(
+        params, jnp.asarray(prompts), jnp.zeros((B,), jnp.int32), None,
+        make_sampler(0.0), jnp.int32(-1), jnp.int32(0), config=config, max_new_tokens=n_new,
+    ).compile()  # fmt: skip
+    cache_shape = f"f32[{B},{config.n_head},{T + n_new - 1},{config.head_dim}]"
+    hlo = compiled.as_text()
+    assert cache_shape in hlo  # the check below looks for the right shape
+    copies = [line for line in hlo.splitlines() if f"= {cache_shape}" in line and " copy(" in line]
+    assert copies == []

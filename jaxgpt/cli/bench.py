@@ -11,6 +11,7 @@ from pathlib import Path
 from jaxgpt.bench.timing import device_peak
 from jaxgpt.config import PRESETS, get_preset
 from jaxgpt.errors import InputError
+from jaxgpt.flops import device_name
 
 # Workload name → module under jaxgpt.bench defining `run(args) -> list[dict]`.
 WORKLOADS: dict[str, str] = {
@@ -66,13 +67,17 @@ def run(args: argparse.Namespace) -> int:
     get_preset(args.model)  # an unknown preset fails here, before any timing
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     peak, source = device_peak(args.dtype)
+    device = device_name()
     print(f"MFU is relative to a peak of {peak / 1e12:.3g} TFLOP/s: {source}", file=sys.stderr)
     rows: list[dict] = []
     for name in names:
         print(f"== {name}", file=sys.stderr)
         module = importlib.import_module(WORKLOADS[name])
         new_rows = module.run(args)
-        rows += [{"workload": name, **row, "peak_tflops": peak / 1e12} for row in new_rows]
+        rows += [
+            {"workload": name, **row, "peak_tflops": peak / 1e12, "device": device}
+            for row in new_rows
+        ]
         print(format_rows(new_rows))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
