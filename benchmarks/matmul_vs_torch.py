@@ -1,7 +1,7 @@
 """XLA:CPU vs PyTorch on the float32 matmuls of a GPT-2 124M training step, in one process.
 
 What bounds jaxgpt's forward and train rows in `compare_hf.py` on a CPU is mostly the matmul
-kernel itself (XLA's Eigen GEMM vs PyTorch's oneDNN/MKL) and the layout of the backward's
+kernel itself (XLA's YNNPACK or Eigen GEMM vs PyTorch's oneDNN/MKL) and the layout of the backward's
 weight-gradient dots (`xᵀ · dy`, a contraction over the leading axis of both operands). This
 script times each shape in both libraries, alternating, and prints GFLOP/s and the ratio.
 
