@@ -1,4 +1,5 @@
-"""Training: the pure step (accumulation), a smoke run whose loss falls, and the run's errors."""
+"""Training: the pure step (accumulation), a smoke run whose loss falls, fine-tuning from a Hugging
+Face directory, and the run's errors."""
 
 from __future__ import annotations
 
@@ -11,12 +12,22 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint
+from jaxgpt import checkpoint, data
 from jaxgpt.cli import main
 from jaxgpt.cli.common import load_model
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError
-from jaxgpt.experiment import apply_overrides, load_experiment
+from jaxgpt.experiment import (
+    CheckpointSection,
+    DataSection,
+    EvalSection,
+    Experiment,
+    ModelSection,
+    OptimSection,
+    ScheduleSection,
+    apply_overrides,
+    load_experiment,
+)
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import init_params
 from jaxgpt.plot import read_metrics
@@ -24,6 +35,7 @@ from jaxgpt.pretrained import load_hf
 from jaxgpt.train import (
     TrainingDiverged,
     init_train_state,
+    initial_params,
     jit_train_step,
     loss_fn,
     make_train_step,
@@ -183,3 +195,53 @@ def test_corpus_smaller_than_a_block(tmp_path, tiny_experiment_file, capsys):
     missing = apply_overrides(exp, [f"data.source={tmp_path / 'nope'}", "data.dataset=nope"])
     with pytest.raises(InputError, match="does not exist"):
         run(missing, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
+
+
+def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_corpus):
+    """`model.init=<HF dir>`: the run starts from those weights — its first logged loss is
+    transformers' loss on the same first batch — trains them, and saves a run that loads back."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(1)
+    hf_config = transformers.GPT2Config(
+        vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2, initializer_range=0.2
+    )
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    exp = Experiment(
+        name="finetune",
+        model=ModelSection(init=str(tmp_path / "hf"), block_size=16),
+        data=DataSection(dataset="tiny_bpe", source=str(tiny_corpus), tokenizer="gpt2",
+                         batch_size=2, split_chunk=1024),
+        optim=OptimSection(lr=1e-2),
+        schedule=ScheduleSection(max_steps=4, warmup_steps=1),
+        eval=EvalSection(interval=4, batches=1, log_interval=1, sample_tokens=4),
+        checkpoint=CheckpointSection(interval=4, keep=1),
+    )  # fmt: skip
+    result = run(exp, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
+
+    losses = [r["loss"] for r in read_metrics(result.run_dir) if r["kind"] == "train"]
+    train_tokens = data.load_tokens(tmp_path / "data" / "tiny_bpe", "train")
+    first_BT1 = torch.tensor(data.get_batch(train_tokens, 2, 16, exp.data.seed, 0)[0]).long()
+    with torch.no_grad():
+        logits = hf(first_BT1[:, :-1]).logits
+    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), first_BT1[:, 1:].ravel())
+    assert losses[0] == pytest.approx(hf_loss.item(), rel=1e-5)
+    assert len(losses) == 4 and losses[-1] != losses[0]
+
+    loaded = load_model(str(result.run_dir))
+    assert loaded.tokenizer.name == "gpt2"
+    assert (loaded.config.n_embd, loaded.config.vocab_size, loaded.config.block_size) == (
+        16, 50257, 32,
+    )  # fmt: skip
+    _, hf_params = load_hf(tmp_path / "hf")
+    assert not np.allclose(loaded.params["wte"], hf_params["wte"])  # trained, not just copied
+
+
+def test_fine_tune_needs_the_gpt2_tokenizer(hf_tiny, tiny_experiment_file):
+    exp = apply_overrides(
+        load_experiment(str(tiny_experiment_file())), [f"model.init={hf_tiny[1]}"]
+    )
+    with pytest.raises(ConfigError, match="data.tokenizer='gpt2'"):
+        initial_params(exp, 65, "char")
