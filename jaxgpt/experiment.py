@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import importlib.util
 import types
 import typing
@@ -294,9 +295,16 @@ def diff(a: Experiment, b: Experiment) -> list[str]:
 
 
 def experiment_dirs() -> list[Path]:
-    """Where experiment names are looked up: ./experiments, then the repository's experiments/."""
-    repo = Path(__file__).resolve().parent.parent / "experiments"
-    return [Path.cwd() / "experiments", repo]
+    """Where experiment names are looked up: ./experiments, then the bundled ones.
+
+    The bundled experiments are the repository's experiments/, installed as the package
+    `jaxgpt.experiments` (a source checkout on `sys.path` finds them next to `jaxgpt/`).
+    """
+    try:
+        bundled = Path(str(importlib.resources.files("jaxgpt.experiments")))
+    except ModuleNotFoundError:
+        bundled = Path(__file__).resolve().parent.parent / "experiments"
+    return [Path.cwd() / "experiments", bundled]
 
 
 def available_experiments() -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from jaxgpt.cli import main
@@ -14,6 +16,20 @@ def test_bundled_experiments_load():
         assert name in available_experiments()
         exp = load_experiment(name)
         assert exp.name == name
+
+
+def test_wheel_ships_every_package_and_the_experiments():
+    """pyproject lists its packages by hand (to map experiments/ to `jaxgpt.experiments`): every
+    package of the source tree must be on that list, or a plain install would lack it."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {
+        ".".join(init.parent.relative_to(root).parts) for init in root.glob("jaxgpt/**/__init__.py")
+    }
+    assert on_disk | {"jaxgpt.experiments"} == set(setuptools["packages"])
+    assert setuptools["package-dir"] == {"jaxgpt.experiments": "experiments"}
+    assert (root / "experiments" / "__init__.py").is_file()
 
 
 def test_load_by_path_and_override(tiny_experiment_file):
