@@ -184,7 +184,7 @@ def trace(
       prompt: the text; it must encode to 1 … config.block_size tokens.
       layer, head: the block and head the report details (the others get one line each).
       token: the position whose attention is spelled out as a weighted sum of value vectors
-        (default: the last token).
+        (default: the last token; negative values count from the end, -1 being the last).
       top_k: how many next-token candidates to list (final distribution and logit lens); also
         the k of the top-k sampling strategy.
       temperature, top_p: settings of the sampling strategies shown.
@@ -203,7 +203,9 @@ def trace(
     _check_index("layer", layer, config.n_layer, f"the model has {config.n_layer} layers")
     _check_index("head", head, config.n_head, f"each layer has {config.n_head} heads")
     token = T - 1 if token is None else token
-    _check_index("token", token, T, f"the prompt has {T} tokens")
+    if isinstance(token, (int, np.integer)) and not isinstance(token, bool) and -T <= token < 0:
+        token += T  # as in Python indexing: -1 is the last token
+    _check_index("token", token, T, f"the prompt has {T} tokens (or -{T} to -1 from the end)")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 100:
         raise InputError(f"top_k must be an integer from 1 to 100, got {top_k!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):

@@ -131,6 +131,12 @@ def test_weighted_sum_and_sampling_come_from_the_pass(spanish):
     np.testing.assert_allclose(spanish.top_probs, sorted(spanish.top_probs, reverse=True))
 
 
+def test_negative_token_counts_from_the_end(model, tokenizer, spanish):
+    config, params = model
+    from_end = trace(params, config, tokenizer, SPANISH, layer=1, head=1, token=-3, top_k=5)
+    assert spanish.T == 20 and from_end.token == spanish.token == 17
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -138,6 +144,7 @@ def test_weighted_sum_and_sampling_come_from_the_pass(spanish):
         (dict(layer=-1), "layer -1 is out of range"),
         (dict(head=2), "head 2 is out of range: each layer has 2 heads"),
         (dict(token=20), "token 20 is out of range: the prompt has 20 tokens"),
+        (dict(token=-21), "token -21 is out of range: the prompt has 20 tokens .or -20 to -1"),
         (dict(top_k=0), "top_k must be an integer from 1 to 100"),
         (dict(temperature=0.0), "temperature must be a number > 0"),
         (dict(top_p=1.5), "top_p must be in"),

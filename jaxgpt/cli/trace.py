@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--token",
         type=int,
         default=None,
-        help="position whose attention is written out as a weighted sum of values (default: last)",
+        help="position whose attention is written out as a weighted sum of values; negative "
+        "counts from the end (default: -1, the last)",
     )
     parser.add_argument("--top-k", type=int, default=5, help="next-token candidates listed (5)")
     parser.add_argument("--temperature", type=float, default=0.8, help="for the sampling demo")
