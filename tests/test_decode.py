@@ -162,8 +162,8 @@ def test_sampling_without_key_is_an_error(model):
 
 
 def test_decode_loop_never_copies_the_kv_cache(model, prompts):
-    """The compiled loop updates each layer's cache without copying it (see the decode-step
-    comment in `jaxgpt.model.causal_self_attention`): no HLO `copy` of a cache-shaped array."""
+    """At batch 2 the compiled loop updates each layer's cache in place (see the comment on the
+    cache in `jaxgpt.model.causal_self_attention`): no HLO `copy` of a cache-shaped array."""
     config, params = model
     B, T = prompts.shape
     n_new = 8
