@@ -27,7 +27,11 @@ def test_wheel_ships_every_package_and_the_experiments():
     on_disk = {
         ".".join(init.parent.relative_to(root).parts) for init in root.glob("jaxgpt/**/__init__.py")
     }
-    assert on_disk | {"jaxgpt.experiments"} == set(setuptools["packages"])
+    listed = set(setuptools["packages"])
+    assert on_disk | {"jaxgpt.experiments"} <= listed
+    for data_only in listed - on_disk - {"jaxgpt.experiments"}:  # the asset folders
+        assert data_only.startswith("jaxgpt.assets")
+        assert (root / data_only.replace(".", "/")).is_dir(), data_only
     assert setuptools["package-dir"] == {"jaxgpt.experiments": "experiments"}
     assert (root / "experiments" / "__init__.py").is_file()
 
