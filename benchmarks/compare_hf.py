@@ -129,10 +129,11 @@ def main() -> int:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    device = device_name()
     load = os.getloadavg()
     print(
         f"preset {args.model} ({sum(x.size for x in jax.tree.leaves(params)) / 1e6:.0f}M params), "
-        f"random weights, {args.dtype}; {device_name()}, {args.threads} threads; "
+        f"random weights, {args.dtype}; {device}, {args.threads} threads; "
         f"jax {jax.__version__}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
@@ -288,8 +289,7 @@ def main() -> int:
         if i == 0:
             print("-" * (sum(widths) + 2 * (len(widths) - 1)))
     if args.json is not None:
-        meta = {"model": args.model, "dtype": args.dtype, "threads": args.threads,
-                "device": device_name()}  # fmt: skip
+        meta = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "device": device}
         args.json.write_text(json.dumps({**meta, "rows": results}, indent=2) + "\n")
     return 0
 
