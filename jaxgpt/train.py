@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from jaxgpt import checkpoint, data, flops, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
-from jaxgpt.model import forward
+from jaxgpt.objectives import Objective, next_token
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, init_params
 from jaxgpt.tokenizer import Tokenizer
@@ -63,48 +64,47 @@ class TrainState:
 # --------------------------------------------------------------------------- the pure step
 
 
-def loss_fn(
-    params: Params, batch_BT1: jax.Array, config: GPTConfig, key: jax.Array | None
-) -> jax.Array:
-    """Mean next-token cross-entropy (nats) of `forward` on `[B, T+1]` windows."""
-    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-    logits_BTV = forward(params, inputs_BT, config, train=key is not None, key=key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+def make_train_step(
+    config: GPTConfig, optimizer: optax.GradientTransformation, objective: Objective = next_token
+):
+    """The pure `train_step(state, batch_A, key) -> (state, metrics)` for this model.
 
-
-def make_train_step(config: GPTConfig, optimizer: optax.GradientTransformation):
-    """The pure `train_step(state, batch_ABT1, key) -> (state, metrics)` for this model."""
+    `batch_A` holds A micro-batches along its leading axis (a `[A, B, T+1]` array, or a dict of
+    them); `objective` (see `jaxgpt.objectives`) gives each micro-batch's (mean loss, weight).
+    """
     use_dropout = max(config.embd_dropout, config.attn_dropout, config.resid_dropout) > 0
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def train_step(state: TrainState, batch_ABT1: jax.Array, key: jax.Array):
+    def train_step(state: TrainState, batch_A: Any, key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
-        A = batch_ABT1.shape[0]
+        A = jax.tree.leaves(batch_A)[0].shape[0]
 
-        def micro(i: jax.Array, batch_BT1: jax.Array) -> tuple[jax.Array, Params]:
+        def micro(i: jax.Array, batch: Any) -> tuple[tuple[jax.Array, jax.Array], Params]:
             k = jax.random.fold_in(step_key, i) if use_dropout else None
-            return grad_fn(state.params, batch_BT1, config, k)
+            return grad_fn(state.params, batch, config, k)
 
         if A == 1:
-            loss, grads = micro(jnp.int32(0), batch_ABT1[0])
+            (loss, weight), grads = micro(jnp.int32(0), jax.tree.map(lambda x: x[0], batch_A))
         else:
-
+            # Micro-batches weighted by how many predictions each trains: the step's loss and
+            # gradient are the mean over all of them, however they fall into micro-batches.
             def body(carry, xs):
-                loss_sum, grad_sum = carry
-                loss, grads = micro(*xs)
-                return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+                loss_sum, weight_sum, grad_sum = carry
+                (loss, weight), grads = micro(*xs)
+                grad_sum = jax.tree.map(lambda acc, g: acc + weight * g, grad_sum, grads)
+                return (loss_sum + weight * loss, weight_sum + weight, grad_sum), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (loss, grads), _ = jax.lax.scan(
-                body, (jnp.float32(0), zeros), (jnp.arange(A), batch_ABT1)
-            )
-            loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
+            init = (jnp.float32(0), jnp.float32(0), zeros)
+            (loss, weight, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), batch_A))
+            scale = 1.0 / jnp.maximum(weight, 1.0)
+            loss, grads = loss * scale, jax.tree.map(lambda g: g * scale, grads)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "trained_tokens": weight}
 
     return train_step
 
@@ -115,13 +115,19 @@ def jit_train_step(train_step, **jit_kwargs):
 
 
 @functools.lru_cache(maxsize=8)
-def make_eval_loss(config: GPTConfig):
-    """Jitted `eval_loss(params, batch_BT1) -> mean cross-entropy` (no dropout)."""
-    return jax.jit(lambda params, batch_BT1: loss_fn(params, batch_BT1, config, None))
+def make_eval_loss(config: GPTConfig, objective: Objective = next_token):
+    """Jitted `eval_loss(params, batch) -> (mean loss, weight)` of the objective (no dropout)."""
+    return jax.jit(lambda params, batch: objective(params, batch, config, None))
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_step(config: GPTConfig, optim: OptimSection, schedule: ScheduleSection, mesh: Mesh):
+def compiled_step(
+    config: GPTConfig,
+    optim: OptimSection,
+    schedule: ScheduleSection,
+    mesh: Mesh,
+    objective: Objective = next_token,
+):
     """(optimizer, jitted train step, state shardings) for these settings on `mesh`.
 
     The state is laid out by `jaxgpt.sharding`'s partition rules and the batch split over
@@ -131,7 +137,7 @@ def compiled_step(config: GPTConfig, optim: OptimSection, schedule: ScheduleSect
     state_shardings = sharding.tree_shardings(abstract_train_state(config, optimizer), mesh)
     replicated = NamedSharding(mesh, P())
     step_fn = jit_train_step(
-        make_train_step(config, optimizer),
+        make_train_step(config, optimizer, objective),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh, accum=True), replicated),
         out_shardings=(state_shardings, replicated),
     )
@@ -396,8 +402,12 @@ def run(
     schedule = lr_of(exp)
 
     def evaluate(params: Params) -> dict[str, float]:
-        losses = {s: [eval_loss(params, b) for b in bs] for s, bs in eval_batches.items()}
-        return {f"{s}_loss": float(np.mean(jax.device_get(v))) for s, v in losses.items()}
+        """Mean loss per split over its fixed batches, each weighted by the tokens it scores."""
+        out = {}
+        for split, batches in eval_batches.items():
+            loss_N, weight_N = np.asarray(jax.device_get([eval_loss(params, b) for b in batches])).T
+            out[f"{split}_loss"] = float((loss_N * weight_N).sum() / max(weight_N.sum(), 1.0))
+        return out
 
     flops_per_token = flops.flops_per_token(config, T, training=True)
     peak, _ = flops.peak_flops(config.dtype)

@@ -28,6 +28,7 @@ from jaxgpt.experiment import (
     apply_overrides,
     load_experiment,
 )
+from jaxgpt.objectives import next_token
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import init_params
 from jaxgpt.plot import read_metrics
@@ -37,7 +38,6 @@ from jaxgpt.train import (
     init_train_state,
     initial_params,
     jit_train_step,
-    loss_fn,
     make_train_step,
     run,
 )
@@ -92,7 +92,7 @@ def test_loss_and_gradients_match_transformers(hf_tiny, tmp_path):
     model, path = hf_tiny
     config, params = load_hf(path)
     batch_BT1 = np.random.RandomState(1).randint(0, config.vocab_size, (2, 17)).astype(np.int32)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(2,))(
+    (loss, _), grads = jax.jit(jax.value_and_grad(next_token, has_aux=True), static_argnums=(2,))(
         params, batch_BT1, config, None
     )
 
