@@ -76,3 +76,79 @@ def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
     return OBJECTIVES[name]
+
+
+# --------------------------------------------------------------------------- preference losses
+# The math of the assistant road's later stages, on per-sequence numbers the model produced.
+
+
+def pairwise_reward_loss(
+    reward_chosen_B: jax.Array, reward_rejected_B: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Bradley–Terry: mean `-log σ(r_chosen - r_rejected)`, and the pairwise accuracy.
+
+    Under the Bradley–Terry model `P(chosen ≻ rejected) = σ(r_c - r_r)`: the loss is the negative
+    log-likelihood of the human (or verifier) preference. Ties in reward count as wrong.
+    """
+    margin_B = (reward_chosen_B - reward_rejected_B).astype(jnp.float32)
+    return -jax.nn.log_sigmoid(margin_B).mean(), (margin_B > 0).mean()
+
+
+def dpo_loss(
+    policy_chosen_B: jax.Array,
+    policy_rejected_B: jax.Array,
+    reference_chosen_B: jax.Array,
+    reference_rejected_B: jax.Array,
+    beta: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Direct preference optimisation: `-log σ(β[(π_c - ref_c) - (π_r - ref_r)])`, mean over B.
+
+    Each argument is a sequence log-probability `log π(answer | prompt)` summed over the answer's
+    tokens. `β · (log π - log π_ref)` is DPO's implicit reward; the metrics report its margin
+    between chosen and rejected and how often the margin is positive.
+    """
+    chosen_B = beta * (policy_chosen_B - reference_chosen_B)
+    rejected_B = beta * (policy_rejected_B - reference_rejected_B)
+    margin_B = (chosen_B - rejected_B).astype(jnp.float32)
+    metrics = {
+        "reward_margin": margin_B.mean(),
+        "reward_accuracy": (margin_B > 0).mean(),
+        "reward_chosen": chosen_B.mean(),
+        "reward_rejected": rejected_B.mean(),
+    }
+    return -jax.nn.log_sigmoid(margin_B).mean(), metrics
+
+
+def clipped_policy_loss(
+    logp_BT: jax.Array,
+    logp_old_BT: jax.Array,
+    advantages_BT: jax.Array,
+    mask_BT: jax.Array,
+    clip_eps: float,
+) -> tuple[jax.Array, jax.Array]:
+    """PPO's clipped surrogate, to minimise: `-min(ρA, clip(ρ, 1-ε, 1+ε)A)` over masked tokens.
+
+    ρ = exp(log π - log π_old) is the probability ratio of each sampled token under the policy
+    being updated and the policy that sampled it. Returns (loss, fraction of tokens clipped).
+    """
+    ratio_BT = jnp.exp(logp_BT - logp_old_BT)
+    unclipped_BT = ratio_BT * advantages_BT
+    clipped_BT = jnp.clip(ratio_BT, 1.0 - clip_eps, 1.0 + clip_eps) * advantages_BT
+    loss, _ = masked_mean(-jnp.minimum(unclipped_BT, clipped_BT), mask_BT)
+    clip_fraction, _ = masked_mean(
+        (jnp.abs(ratio_BT - 1.0) > clip_eps).astype(jnp.float32), mask_BT
+    )
+    return loss, clip_fraction
+
+
+def clipped_value_loss(
+    values_BT: jax.Array,
+    values_old_BT: jax.Array,
+    returns_BT: jax.Array,
+    mask_BT: jax.Array,
+    clip_eps: float,
+) -> jax.Array:
+    """PPO's value loss, `½ max((V - R)², (V_old + clip(V - V_old, ±ε) - R)²)`, masked mean."""
+    clipped_BT = values_old_BT + jnp.clip(values_BT - values_old_BT, -clip_eps, clip_eps)
+    worst_BT = jnp.maximum(jnp.square(values_BT - returns_BT), jnp.square(clipped_BT - returns_BT))
+    return 0.5 * masked_mean(worst_BT, mask_BT)[0]
