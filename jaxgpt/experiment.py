@@ -54,6 +54,8 @@ class DataSection:
 
     Attributes:
       dataset: name of the prepared data directory, `<data_dir>/<dataset>`.
+      format: "text" (a corpus, trained on every next token) or "chat" (conversations in .jsonl,
+        packed into rows and trained only on what the assistant says; see docs/chat.md).
       source: "shakespeare" (the bundled plays), a .txt file, or a directory of .txt files.
       tokenizer: "char" (vocabulary = the corpus' characters) or "gpt2" (BPE).
       val_fraction: share of the corpus held out for validation.
@@ -64,6 +66,7 @@ class DataSection:
     """
 
     dataset: str = "shakespeare_char"
+    format: str = "text"
     source: str = "shakespeare"
     tokenizer: str = "char"
     val_fraction: float = 0.1
@@ -197,6 +200,8 @@ def validate(exp: Experiment) -> None:
     _positive("checkpoint", exp.checkpoint, "interval", "keep")
     if not 0.0 < exp.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {exp.data.val_fraction!r}")
+    if exp.data.format not in ("text", "chat"):
+        raise ConfigError(f"data.format must be 'text' or 'chat', got {exp.data.format!r}")
     if exp.data.tokenizer not in ("char", "gpt2"):
         raise ConfigError(f"data.tokenizer must be 'char' or 'gpt2', got {exp.data.tokenizer!r}")
     if exp.optim.lr <= 0:

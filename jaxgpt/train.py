@@ -35,16 +35,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxgpt import checkpoint, data, flops, sharding
+from jaxgpt import batches, checkpoint, data, flops, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
-from jaxgpt.objectives import Objective, next_token
+from jaxgpt.objectives import Objective, get_objective, next_token
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, init_params
 from jaxgpt.tokenizer import Tokenizer
 
-EVAL_SEED = 1234  # eval windows are fixed across evaluations and runs
 # Changing these does not change what the model computes, so a run may resume with new values.
 # The mesh too: checkpoints restore into whatever layout the resumed run uses.
 RESUMABLE_KEYS = ("eval.", "checkpoint.", "parallel.", "name")
@@ -199,6 +198,8 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
     """The prepared data directory of `exp`, (re)preparing it if missing or differently split."""
     d = exp.data
     data_dir = data_root / d.dataset
+    if d.format == "chat":
+        return ensure_chat_data(exp, data_dir, progress=progress)
     if d.source == data.PREPARED:
         meta = data.load_meta(data_dir)
         if meta.get("tokenizer") != d.tokenizer:
@@ -228,6 +229,34 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
     print(
         f"  {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
         f"vocabulary {meta['vocab_size']}",
+        file=sys.stderr,
+    )
+    return data_dir
+
+
+def ensure_chat_data(exp: Experiment, data_dir: Path, *, progress: bool = True) -> Path:
+    """The prepared chat data of `exp` (conversations rendered with the chat format)."""
+    from jaxgpt import chat_data
+
+    d = exp.data
+    want = {"version": chat_data.META_VERSION, "format": chat_data.FORMAT,
+            "tokenizer": d.tokenizer, "source": d.source, "val_fraction": d.val_fraction,
+            "split_seed": d.split_seed}  # fmt: skip
+    if (data_dir / "meta.json").is_file():
+        meta = data.load_meta(data_dir)
+        if {k: meta.get(k) for k in want} == want:
+            return data_dir
+        print(
+            f"re-preparing {data_dir}: its settings differ from the experiment's", file=sys.stderr
+        )
+    print(f"preparing chat data {d.source!r} → {data_dir} ({d.tokenizer} tokens)", file=sys.stderr)
+    meta = chat_data.prepare_chat(
+        d.source, data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
+        split_seed=d.split_seed, progress=progress,
+    )  # fmt: skip
+    print(
+        f"  {meta['train_conversations']:,} train / {meta['val_conversations']:,} val "
+        f"conversations, vocabulary {meta['vocab_size']}",
         file=sys.stderr,
     )
     return data_dir
@@ -329,12 +358,10 @@ def run(
     _check_writable(run_dir)
     data_dir = ensure_data(exp, data_root, progress=progress)
     meta = data.load_meta(data_dir)
-    train_tokens = data.load_tokens(data_dir, "train")
-    val_tokens = data.load_tokens(data_dir, "val")
     T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
-    data.check_fits(train_tokens, T, "train")
-    data.check_fits(val_tokens, T, "val")
-    tokenizer = data.tokenizer_from_meta(meta)
+    source = batches.make_source(data_dir, B, T, A, exp.data.seed)
+    objective = get_objective(source.objective)
+    tokenizer = batches.tokenizer_of(meta)
 
     # ---- resume or start
     last = checkpoint.latest_step(run_dir)
@@ -356,7 +383,9 @@ def run(
         config, params = initial_params(exp, tokenizer.n_vocab, meta["tokenizer"])
         check_params(params, config)
     sharding.check_parallelism(config, mesh, B)
-    optimizer, step_fn, state_shardings = compiled_step(config, exp.optim, exp.schedule, mesh)
+    optimizer, step_fn, state_shardings = compiled_step(
+        config, exp.optim, exp.schedule, mesh, objective
+    )
     abstract_state = abstract_train_state(config, optimizer, state_shardings)
     if main:
         per_device = sharding.bytes_per_device(abstract_state, mesh)
@@ -385,18 +414,17 @@ def run(
             checkpoint.write_run_files(run_dir, exp.to_dict(), config, tokenizer)
 
     # ---- compiled functions and fixed eval batches
-    eval_loss = make_eval_loss(config)
+    eval_loss = make_eval_loss(config, objective)
     rows = sharding.host_rows(B)  # this process reads only its share of every batch
     eval_sharding = sharding.batch_sharding(mesh)
     train_sharding = sharding.batch_sharding(mesh, accum=True)
 
-    def eval_batch(tokens: np.ndarray, i: int) -> jax.Array:
-        local = data.get_batch(tokens, B, T, EVAL_SEED, i, rows=rows)[0]
-        return sharding.put_batch(local, eval_sharding, (B, T + 1))
+    def eval_batch(split: str, i: int) -> Any:
+        local = source.evaluate(split, i, rows)
+        return jax.tree.map(lambda x: sharding.put_batch(x, eval_sharding, (B, T + 1)), local)
 
     eval_batches = {
-        split: [eval_batch(tok, i) for i in range(exp.eval.batches)]
-        for split, tok in (("train", train_tokens), ("val", val_tokens))
+        split: [eval_batch(split, i) for i in range(exp.eval.batches)] for split in ("train", "val")
     }
     dropout_key = jax.random.fold_in(jax.random.key(exp.schedule.seed), 1)
     schedule = lr_of(exp)
@@ -404,8 +432,8 @@ def run(
     def evaluate(params: Params) -> dict[str, float]:
         """Mean loss per split over its fixed batches, each weighted by the tokens it scores."""
         out = {}
-        for split, batches in eval_batches.items():
-            loss_N, weight_N = np.asarray(jax.device_get([eval_loss(params, b) for b in batches])).T
+        for split, fixed in eval_batches.items():
+            loss_N, weight_N = np.asarray(jax.device_get([eval_loss(params, b) for b in fixed])).T
             out[f"{split}_loss"] = float((loss_N * weight_N).sum() / max(weight_N.sum(), 1.0))
         return out
 
@@ -485,8 +513,10 @@ def run(
                 if stop.stop:
                     interrupted = True
                     break
-                local = data.get_batch(train_tokens, B, T, exp.data.seed, step, accum=A, rows=rows)
-                batch = sharding.put_batch(local, train_sharding, (A, B, T + 1))
+                batch = jax.tree.map(
+                    lambda x: sharding.put_batch(x, train_sharding, (A, B, T + 1)),
+                    source.train(step, rows),
+                )
                 with jax.set_mesh(mesh):  # activates the model's sharding hints
                     state, metrics = step_fn(state, batch, dropout_key)
                 step += 1

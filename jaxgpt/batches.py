@@ -1,0 +1,102 @@
+"""Where a run's batches come from: token windows of a text corpus, or packed conversations.
+
+The training loop asks a `BatchSource` for the micro-batches of step `s` and for the fixed
+evaluation batches; what it gets back is what the run's objective (`jaxgpt.objectives`) takes:
+
+    text   int32 `[A, B, T+1]` windows of the token stream     → objective "next_token"
+    chat   dict of packed `[A, B, T+1]` rows (tokens, segments,  → objective "sft"
+           positions, mask; see `jaxgpt.packing`)
+
+Both are pure functions of (seed, step), so a resumed run sees exactly the batches the
+uninterrupted run would have seen, and each process of a multi-process run reads only its rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxgpt import data, packing
+
+EVAL_SEED = 1234  # eval batches are fixed across evaluations and runs
+
+Rows = tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class BatchSource:
+    """A run's data: `train(step, rows)` → `[A, B, T+1]` micro-batches (an array or a dict of
+    them); `evaluate(split, i, rows)` → the i-th fixed `[B, T+1]` batch of "train" or "val"."""
+
+    objective: str
+    train: Callable[[int, Rows], Any]
+    evaluate: Callable[[str, int, Rows], Any]
+
+
+def text_source(
+    data_dir: Path, batch_size: int, block_size: int, accum: int, seed: int
+) -> BatchSource:
+    """Uniform windows of the prepared token files (`jaxgpt.data.get_batch`)."""
+    tokens = {split: data.load_tokens(data_dir, split) for split in ("train", "val")}
+    for split, toks in tokens.items():
+        data.check_fits(toks, block_size, split)
+
+    def train(step: int, rows: Rows) -> np.ndarray:
+        return data.get_batch(tokens["train"], batch_size, block_size, seed, step, accum=accum,
+                              rows=rows)  # fmt: skip
+
+    def evaluate(split: str, i: int, rows: Rows) -> np.ndarray:
+        return data.get_batch(tokens[split], batch_size, block_size, EVAL_SEED, i, rows=rows)[0]
+
+    return BatchSource("next_token", train, evaluate)
+
+
+def chat_source(
+    data_dir: Path, batch_size: int, block_size: int, accum: int, seed: int
+) -> BatchSource:
+    """Conversations packed into rows (`jaxgpt.packing.get_packed_batch`), trained on the mask.
+
+    Says how much of the data is trained (the mask fraction) and refuses a mask that is all
+    ones or all zeros — the silent failure of SFT pipelines whose mask got lost.
+    """
+    from jaxgpt import chat_data
+
+    docs = {split: chat_data.load_documents(data_dir, split) for split in ("train", "val")}
+    chat_data.describe_mask(docs["train"], block_size + 1, f"{data_dir} (train)")
+
+    def train(step: int, rows: Rows) -> dict[str, np.ndarray]:
+        return packing.get_packed_batch(docs["train"], batch_size, block_size, seed, step,
+                                        accum=accum, rows=rows)  # fmt: skip
+
+    def evaluate(split: str, i: int, rows: Rows) -> dict[str, np.ndarray]:
+        batch = packing.get_packed_batch(docs[split], batch_size, block_size, EVAL_SEED, i,
+                                         rows=rows)  # fmt: skip
+        return {k: v[0] for k, v in batch.items()}
+
+    return BatchSource("sft", train, evaluate)
+
+
+def make_source(
+    data_dir: Path, batch_size: int, block_size: int, accum: int, seed: int
+) -> BatchSource:
+    """The source for a prepared data directory: chat data when its meta says so, else text."""
+    make = chat_source if is_chat(data.load_meta(data_dir)) else text_source
+    return make(data_dir, batch_size, block_size, accum, seed)
+
+
+def tokenizer_of(meta: dict[str, Any]):
+    """The tokenizer a prepared data directory was made with (its chat tokens included)."""
+    if is_chat(meta):
+        from jaxgpt import chat_data
+
+        return chat_data.tokenizer_from_meta(meta)
+    return data.tokenizer_from_meta(meta)
+
+
+def is_chat(meta: dict[str, Any]) -> bool:
+    """Whether a prepared data directory holds conversations (`jaxgpt.chat_data`)."""
+    return meta.get("format") == "chat"

@@ -1,0 +1,261 @@
+"""Chat data sets: `.jsonl` conversations → token and mask files, and back as `Documents`.
+
+A chat data set is one or more `.jsonl` files, one conversation per line, in any of the common
+forms::
+
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+    {"instruction": "...", "input": "...", "output": "..."}        (Alpaca; "input" may be empty)
+    {"prompt": "...", "response": "..."}
+
+or the generated arithmetic demo (`source="arithmetic"`, see `jaxgpt.arithmetic`).
+`prepare_chat` renders each conversation with `jaxgpt.chat.render_conversation` into token ids
+and the 0/1 mask of what the assistant says, assigns whole conversations to train or val by a
+seeded draw, and writes per split `<split>.bin` (tokens), `<split>.mask.bin` (uint8) and
+`<split>.idx.npy` (int64 offsets of the conversations), then `meta.json` last. Everything is
+written into a temporary directory that replaces the output only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxgpt import arithmetic, chat
+from jaxgpt.errors import InputError
+from jaxgpt.packing import Documents, trained_fraction
+from jaxgpt.tokenizer import Tokenizer
+
+META_VERSION = 1
+FORMAT = "chat"
+ARITHMETIC = "arithmetic"  # data.source: the generated arithmetic demo
+ARITHMETIC_CONVERSATIONS = 20_000
+
+Messages = list[dict[str, str]]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def chat_files(source: str | Path) -> list[Path]:
+    """The .jsonl files of a chat data set: one file, or every .jsonl under a directory."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        if files:
+            return files
+        raise InputError(f"chat data directory {path} contains no .jsonl files")
+    raise InputError(
+        f"chat data {str(source)!r} does not exist; pass a .jsonl file, a directory of them, "
+        f"or {ARITHMETIC!r}"
+    )
+
+
+def messages_of(record: Any, where: str) -> Messages:
+    """A conversation from one parsed JSON line in any of the accepted forms."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f"{where}: 'messages' must be a non-empty list of messages")
+        return messages
+    if "instruction" in record and "output" in record:
+        prompt = str(record["instruction"])
+        if record.get("input"):
+            prompt += "\n\n" + str(record["input"])
+        return [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": str(record["output"])}]  # fmt: skip
+    if "prompt" in record and "response" in record:
+        return [{"role": "user", "content": str(record["prompt"])},
+                {"role": "assistant", "content": str(record["response"])}]  # fmt: skip
+    raise InputError(
+        f"{where}: no conversation found; expected 'messages', 'instruction'/'output' or "
+        f"'prompt'/'response' (keys: {sorted(record)[:8]})"
+    )
+
+
+def read_conversations(files: list[Path]) -> Iterator[tuple[str, Messages]]:
+    """(where, messages) for every line of the files; `where` is "file:line" for errors."""
+    for path in files:
+        try:
+            handle = path.open(encoding="utf-8")
+        except OSError as err:
+            raise InputError(f"cannot read chat data {path}: {err.strerror or err}") from err
+        with handle:
+            try:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{number}"
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise InputError(f"{where}: not valid JSON ({err.msg})") from None
+                    yield where, messages_of(record, where)
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}: not UTF-8 text ({err.reason})") from None
+
+
+def source_conversations(source: str) -> Iterator[tuple[str, Messages]]:
+    if source == ARITHMETIC:
+        for i, messages in enumerate(
+            arithmetic.training_conversations(ARITHMETIC_CONVERSATIONS, seed=0)
+        ):
+            yield f"arithmetic:{i}", messages
+        return
+    yield from read_conversations(chat_files(source))
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare_chat(
+    source: str,
+    out_dir: str | Path,
+    *,
+    tokenizer: str = "char",
+    val_fraction: float = 0.05,
+    split_seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Render a chat data set into `out_dir` (token, mask and offset files per split + meta)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    out = Path(out_dir)
+    tok = _chat_tokenizer(source, tokenizer)
+    dtype = np.dtype(np.uint8 if tok.n_vocab <= 256 else np.uint16)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise InputError(f"cannot create the data directory {out}: {err.strerror or err}") from err
+    try:
+        counts = _render_splits(source, tok, tmp, dtype, val_fraction, split_seed, progress)
+        meta = {
+            "version": META_VERSION, "format": FORMAT, "tokenizer": tokenizer,
+            "tokenizer_spec": chat.tokenizer_spec(tok), "vocab_size": tok.n_vocab,
+            "dtype": dtype.name, "source": str(source), "val_fraction": val_fraction,
+            "split_seed": split_seed, **counts,
+        }  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        if out.exists():
+            aside = out.with_name(f".{out.name}.old")
+            shutil.rmtree(aside, ignore_errors=True)
+            out.replace(aside)
+            tmp.replace(out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _chat_tokenizer(source: str, name: str) -> Tokenizer:
+    if name == "gpt2":
+        return chat.chat_tokenizer("gpt2")
+    if name != "char":
+        raise InputError(f"tokenizer must be 'char' or 'gpt2', got {name!r}")
+    chars: set[str] = set()
+    for _, messages in source_conversations(source):
+        for message in messages:
+            chars.update(str(message.get("content", "")))
+    return chat.chat_tokenizer("char", chars=chars)
+
+
+def _render_splits(
+    source: str, tok: Tokenizer, out: Path, dtype: np.dtype, val_fraction: float, seed: int,
+    progress: bool,
+) -> dict[str, int]:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    splits = ("train", "val")
+    offsets = {s: [0] for s in splits}
+    trained = dict.fromkeys(splits, 0)
+    handles = {s: (out / f"{s}.bin").open("wb") for s in splits}
+    masks = {s: (out / f"{s}.mask.bin").open("wb") for s in splits}
+    try:
+        for i, (where, messages) in enumerate(
+            tqdm(source_conversations(source), desc="rendering", unit=" conv", disable=not progress)
+        ):
+            try:
+                ids, mask = chat.render_conversation(messages, tok)
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from None
+            draw = rng.random()  # drawn for every conversation: the split depends on the seed only
+            split = (
+                "train"
+                if i == 0
+                else "val"
+                if i == 1
+                else ("val" if draw < val_fraction else "train")
+            )
+            np.asarray(ids, dtype).tofile(handles[split])
+            np.asarray(mask, np.uint8).tofile(masks[split])
+            offsets[split].append(offsets[split][-1] + len(ids))
+            trained[split] += int(np.count_nonzero(mask))
+    finally:
+        for h in (*handles.values(), *masks.values()):
+            h.close()
+    counts: dict[str, int] = {}
+    for s in splits:
+        np.save(out / f"{s}.idx.npy", np.asarray(offsets[s], np.int64))
+        counts[f"{s}_conversations"] = len(offsets[s]) - 1
+        counts[f"{s}_tokens"] = offsets[s][-1]
+        counts[f"{s}_trained_tokens"] = trained[s]
+    return counts
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_documents(data_dir: str | Path, split: str) -> Documents:
+    """The conversations of a prepared split (memory-mapped tokens and mask)."""
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    try:
+        offsets = np.load(data_dir / f"{split}.idx.npy")
+        tokens = np.memmap(data_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+        mask = np.memmap(data_dir / f"{split}.mask.bin", dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"{data_dir} holds no complete {split} split ({err}); run `jaxgpt prepare` again"
+        ) from err
+    return Documents(tokens, mask, offsets)
+
+
+def describe_mask(docs: Documents, row_len: int, where: str) -> str:
+    """One line on how much SFT trains on; an InputError if the mask trains on all or nothing."""
+    trained, total = trained_fraction(docs, row_len)
+    if trained == 0:
+        raise InputError(
+            f"{where}: the mask is all zeros — no token is trained (are there assistant turns?)"
+        )
+    if trained == total:
+        raise InputError(
+            f"{where}: the mask is all ones — user and system text would be trained too, "
+            f"which SFT must not do"
+        )
+    truncated = int(np.count_nonzero(docs.lengths() > row_len))
+    line = (
+        f"SFT trains on {trained:,} of {total:,} predicted tokens ({100 * trained / total:.1f}%: "
+        f"the assistant's words) in {docs.count:,} conversations"
+    )
+    if truncated:
+        line += f"; {truncated:,} longer than the context ({row_len} tokens) are cut"
+    print(line, file=sys.stderr)
+    return line
+
+
+def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
+    """The chat tokenizer (special tokens included) a chat data directory was rendered with."""
+    return chat.tokenizer_from_spec(meta["tokenizer_spec"])
