@@ -8,8 +8,15 @@ see, and that is described by two numbers per row:
   `q_offset + t`.
 * `kv_start_B`: the first valid key slot of each row (> 0 for a left-padded prompt).
 
-Query slot i may attend to key slot j iff `kv_start ≤ j ≤ i`. The same two numbers drive the fused
-backends, so every backend computes the same function.
+and, for rows packing several independent sequences (conversations in supervised fine-tuning), by
+one optional array:
+
+* `segment_ids_BS`: int32, the segment of every key slot; query t's segment is that of its slot
+  `q_offset + t`. None means one segment per row.
+
+Query slot i may attend to key slot j iff `kv_start ≤ j ≤ i` and `segment[j] = segment[i]`
+(`allowed`, the one definition of the rule). The same description drives the fused backends, so
+every backend computes the same function.
 """
 
 from __future__ import annotations
@@ -25,13 +32,56 @@ from jaxgpt.errors import ConfigError
 _MASKED = -1e30
 
 
-def attention_mask(q_offset: jax.Array | int, T: int, S: int, kv_start_B: jax.Array) -> jax.Array:
+def allowed(
+    q_slot: jax.Array,
+    k_slot: jax.Array,
+    kv_start: jax.Array,
+    q_segment: jax.Array | None = None,
+    k_segment: jax.Array | None = None,
+) -> jax.Array:
+    """The attention rule, elementwise over broadcastable arrays: may this query see this key?
+
+    Causal (`k_slot ≤ q_slot`), inside the row (`k_slot ≥ kv_start`) and, given segments, in the
+    query's own segment. `attention_mask` and the Pallas kernels' tiles both call this.
+    """
+    ok = (k_slot <= q_slot) & (k_slot >= kv_start)
+    if q_segment is not None:
+        ok = ok & (k_segment == q_segment)
+    return ok
+
+
+def query_segments(segment_ids_BS: jax.Array, q_offset: jax.Array | int, T: int) -> jax.Array:
+    """The segments `[B, T]` of the queries at slots `q_offset ... q_offset + T - 1`."""
+    if isinstance(q_offset, int) and q_offset == 0 and segment_ids_BS.shape[1] == T:
+        return segment_ids_BS
+    return jax.lax.dynamic_slice_in_dim(segment_ids_BS, q_offset, T, axis=1)
+
+
+def check_segments(segment_ids_BS: jax.Array, B: int, S: int) -> None:
+    """A clear error for segment ids of the wrong shape or dtype (they describe the S key slots)."""
+    shape = tuple(getattr(segment_ids_BS, "shape", ()))
+    if shape != (B, S) or not jnp.issubdtype(segment_ids_BS.dtype, jnp.integer):
+        raise ConfigError(
+            f"segment ids must be an integer array [B, S] = [{B}, {S}] (one id per key slot), "
+            f"got shape {shape} and dtype {getattr(segment_ids_BS, 'dtype', None)}"
+        )
+
+
+def attention_mask(
+    q_offset: jax.Array | int,
+    T: int,
+    S: int,
+    kv_start_B: jax.Array,
+    segment_ids_BS: jax.Array | None = None,
+) -> jax.Array:
     """Boolean mask `[B, T, S]`: may query t (slot q_offset + t) attend to key slot s?"""
-    q_slot_T = q_offset + jnp.arange(T)
-    s_S = jnp.arange(S)
-    causal_TS = s_S[None, :] <= q_slot_T[:, None]
-    valid_BS = s_S[None, :] >= kv_start_B[:, None]
-    return causal_TS[None, :, :] & valid_BS[:, None, :]
+    q_slot_11T1 = (q_offset + jnp.arange(T))[None, :, None]
+    k_slot_111S = jnp.arange(S)[None, None, :]
+    kv_start_B11 = kv_start_B[:, None, None]
+    if segment_ids_BS is None:
+        return allowed(q_slot_11T1, k_slot_111S, kv_start_B11)
+    q_seg_BT1 = query_segments(segment_ids_BS, q_offset, T)[:, :, None]
+    return allowed(q_slot_11T1, k_slot_111S, kv_start_B11, q_seg_BT1, segment_ids_BS[:, None, :])
 
 
 def attention_head(
@@ -77,6 +127,7 @@ def reference_attention(
     *,
     q_offset: jax.Array | int = 0,
     kv_start_B: jax.Array | None = None,
+    segment_ids_BS: jax.Array | None = None,
     keep_BHTS: jax.Array | None = None,
     dropout_rate: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +139,9 @@ def reference_attention(
     S = k_BHSK.shape[2]
     if kv_start_B is None:
         kv_start_B = jnp.zeros((B,), jnp.int32)
-    mask_BTS = attention_mask(q_offset, T, S, kv_start_B)
+    if segment_ids_BS is not None:
+        check_segments(segment_ids_BS, B, S)
+    mask_BTS = attention_mask(q_offset, T, S, kv_start_B, segment_ids_BS)
     return _attention_batch(q_BHTK, k_BHSK, v_BHSK, mask_BTS, keep_BHTS, dropout_rate)
 
 
@@ -131,17 +184,19 @@ def cudnn_attention(
     *,
     q_offset: jax.Array | int = 0,
     kv_start_B: jax.Array | None = None,
+    segment_ids_BS: jax.Array | None = None,
 ) -> jax.Array:
     """The cuDNN fused kernel via `jax.nn.dot_product_attention`, with the reference's mask.
 
-    cuDNN wants `[B, T, H, K]`; the mask (causal from `q_offset`, valid from `kv_start_B`) is
-    passed explicitly. Queries with no valid key (left padding) may differ from the reference
-    there; those outputs are never read.
+    cuDNN wants `[B, T, H, K]`; the mask (causal from `q_offset`, valid from `kv_start_B`, same
+    segment) is passed explicitly. Queries with no valid key (left padding) may differ from the
+    reference there; those outputs are never read.
     """
     B, _, T, _ = q_BHTK.shape
     S = k_BHSK.shape[2]
     q_BTHK, k_BSHK, v_BSHK = (x.transpose(0, 2, 1, 3) for x in (q_BHTK, k_BHSK, v_BHSK))
-    if kv_start_B is None and isinstance(q_offset, int) and q_offset == 0 and T == S:
+    plain = kv_start_B is None and segment_ids_BS is None
+    if plain and isinstance(q_offset, int) and q_offset == 0 and T == S:
         # Training: plain causal attention, cuDNN's built-in causal mask (no mask tensor).
         out_BTHK = jax.nn.dot_product_attention(
             q_BTHK, k_BSHK, v_BSHK, is_causal=True, implementation="cudnn"
@@ -149,7 +204,9 @@ def cudnn_attention(
     else:
         if kv_start_B is None:
             kv_start_B = jnp.zeros((B,), jnp.int32)
-        mask_B1TS = attention_mask(q_offset, T, S, kv_start_B)[:, None]
+        if segment_ids_BS is not None:
+            check_segments(segment_ids_BS, B, S)
+        mask_B1TS = attention_mask(q_offset, T, S, kv_start_B, segment_ids_BS)[:, None]
         out_BTHK = jax.nn.dot_product_attention(
             q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS, implementation="cudnn"
         )
@@ -164,10 +221,14 @@ def multi_head_attention(
     backend: str = "xla",
     q_offset: jax.Array | int = 0,
     kv_start_B: jax.Array | None = None,
+    segment_ids_BS: jax.Array | None = None,
     keep_BHTS: jax.Array | None = None,
     dropout_rate: float = 0.0,
 ) -> jax.Array:
     """Causal attention over all heads of a batch with the chosen backend; returns out_BHTK.
+
+    `segment_ids_BS` (optional, int `[B, S]`) packs independent sequences into one row: a query
+    sees only keys of its own segment (see the module docstring).
 
     Backends (see `resolve_backend`): "xla" is `reference_attention`; "cudnn" is
     `cudnn_attention`; "pallas" is jaxgpt's flash kernel (`jaxgpt.kernels.flash_attention`), or,
@@ -181,20 +242,27 @@ def multi_head_attention(
             f"attention backend, not {backend!r}; set model.attn_dropout=0 or model.attention=xla"
         )
     if backend == "cudnn":
-        return cudnn_attention(q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B)
+        return cudnn_attention(
+            q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B,
+            segment_ids_BS=segment_ids_BS,
+        )  # fmt: skip
     if backend == "pallas":
         # Imported lazily: users of the XLA path never import Pallas.
         from jaxgpt.kernels import decode_attention, flash_attention
 
         T, S = q_BHTK.shape[2], k_BHSK.shape[2]
         kernel = decode_attention if T == 1 and S > 1 else flash_attention
-        return kernel(q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B)
+        return kernel(
+            q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B,
+            segment_ids_BS=segment_ids_BS,
+        )  # fmt: skip
     out_BHTK, _ = reference_attention(
         q_BHTK,
         k_BHSK,
         v_BHSK,
         q_offset=q_offset,
         kv_start_B=kv_start_B,
+        segment_ids_BS=segment_ids_BS,
         keep_BHTS=keep_BHTS,
         dropout_rate=dropout_rate,
     )

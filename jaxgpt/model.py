@@ -106,6 +106,7 @@ def causal_self_attention(
     *,
     q_offset: jax.Array | int = 0,
     kv_start_B: jax.Array | None = None,
+    segment_ids_BS: jax.Array | None = None,
     cache: tuple[jax.Array, jax.Array] | None = None,
     key: jax.Array | None = None,
     capture: dict | None = None,
@@ -113,7 +114,8 @@ def causal_self_attention(
     """Multi-head causal self-attention of a block; returns (out_BTD, updated cache).
 
     With a cache `(k_BHSK, v_BHSK)`, this call's keys and values are written at slots
-    `q_offset ... q_offset + T - 1` and the queries attend over the whole cache.
+    `q_offset ... q_offset + T - 1` and the queries attend over the whole cache. With
+    `segment_ids_BS` (packed sequences) a query attends only within its own segment.
     """
     B, T, D = x_BTD.shape
     q_BHTK, k_BHTK, v_BHTK = project_qkv(p, x_BTD, config)
@@ -144,13 +146,14 @@ def causal_self_attention(
         # The trace needs the attention weights, which only the reference path materialises.
         out_BHTK, probs_BHTS = reference_attention(
             q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B,
-            keep_BHTS=keep_BHTS, dropout_rate=config.attn_dropout,
+            segment_ids_BS=segment_ids_BS, keep_BHTS=keep_BHTS, dropout_rate=config.attn_dropout,
         )  # fmt: skip
         capture.update(q=q_BHTK, k=k_BHTK, v=v_BHTK, att=probs_BHTS, heads=out_BHTK)
     else:
         out_BHTK = multi_head_attention(
             q_BHTK, k_BHSK, v_BHSK, backend=config.attention, q_offset=q_offset,
-            kv_start_B=kv_start_B, keep_BHTS=keep_BHTS, dropout_rate=config.attn_dropout,
+            kv_start_B=kv_start_B, segment_ids_BS=segment_ids_BS, keep_BHTS=keep_BHTS,
+            dropout_rate=config.attn_dropout,
         )  # fmt: skip
     # Concatenate the heads back into the residual width, then mix them with c_proj.
     out_BTD = out_BHTK.transpose(0, 2, 1, 3).reshape(B, T, D)
@@ -186,6 +189,7 @@ def block(
     *,
     q_offset: jax.Array | int = 0,
     kv_start_B: jax.Array | None = None,
+    segment_ids_BS: jax.Array | None = None,
     cache: tuple[jax.Array, jax.Array] | None = None,
     key: jax.Array | None = None,
     capture: dict | None = None,
@@ -196,8 +200,8 @@ def block(
 
     h_BTD = layer_norm(p["ln_1"], x_BTD, eps)
     attn_BTD, cache = causal_self_attention(
-        p["attn"], h_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B, cache=cache,
-        key=k_attn, capture=capture,
+        p["attn"], h_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B,
+        segment_ids_BS=segment_ids_BS, cache=cache, key=k_attn, capture=capture,
     )  # fmt: skip
     attn_BTD = dropout(attn_BTD, config.resid_dropout, k_resid1)
     x_mid_BTD = x_BTD + attn_BTD.astype(jnp.float32)
@@ -261,11 +265,27 @@ def check_tokens(tokens: Any, config: GPTConfig, *, max_len: int | None = None) 
             )
 
 
+def check_packing(name: str, ids: Any, shape: tuple[int, ...], limit: int | None = None) -> None:
+    """A clear error for `positions_BT` / `segment_ids_BT` not shaped like the tokens, not integer,
+    or (positions, when concrete) outside `[0, limit)`."""
+    if tuple(getattr(ids, "shape", ())) != shape or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise InputError(
+            f"{name} must be an integer array shaped like the tokens {list(shape)}, got "
+            f"shape {getattr(ids, 'shape', None)} and dtype {getattr(ids, 'dtype', None)}"
+        )
+    if limit is not None and not isinstance(ids, jax.core.Tracer):
+        lo, hi = int(np.min(ids)), int(np.max(ids))
+        if lo < 0 or hi >= limit:
+            raise InputError(f"{name} must lie in [0, {limit - 1}] (block_size), got {lo}..{hi}")
+
+
 def forward(
     params: Params,
     tokens_BT: jax.Array,
     config: GPTConfig,
     *,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
     train: bool = False,
     key: jax.Array | None = None,
     capture: bool = False,
@@ -276,6 +296,11 @@ def forward(
       params: the pytree from `init_params` / `load_hf`.
       tokens_BT: token ids, T ≤ config.block_size.
       config: the model's `GPTConfig` (static under `jit`).
+      positions_BT: position of each token (None: 0 … T-1 in every row). Rows packing several
+        sequences restart the positions at each sequence.
+      segment_ids_BT: int id of the packed sequence each token belongs to (None: one per row);
+        a token attends only to earlier tokens with the same id, so each packed sequence gets
+        exactly the logits it would get alone (with positions restarting at 0).
       train: enable dropout (needs `key`).
       key: PRNG key for dropout.
       capture: also return every intermediate of the pass (embeddings, per-layer Q/K/V, attention
@@ -293,7 +318,12 @@ def forward(
         raise InputError("forward(train=True) with dropout needs a PRNG key: pass key=...")
     key = key if train else None
     B, T = tokens_BT.shape
-    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    else:
+        check_packing("positions_BT", positions_BT, (B, T), limit=config.block_size)
+    if segment_ids_BT is not None:
+        check_packing("segment_ids_BT", segment_ids_BT, (B, T))
 
     keys = jax.random.split(key, config.n_layer + 1) if key is not None else None
     x_BTD = embed(params, tokens_BT, positions_BT)
@@ -305,7 +335,10 @@ def forward(
         layer_capture: dict | None = {} if capture else None
         # Under a device mesh, keep the residual stream split by batch (a no-op otherwise).
         x_BTD = constrain(x_BTD, P(BATCH_AXES))
-        x_BTD, _ = block(layer_params, x_BTD, config, key=layer_key, capture=layer_capture)
+        x_BTD, _ = block(
+            layer_params, x_BTD, config, segment_ids_BS=segment_ids_BT, key=layer_key,
+            capture=layer_capture,
+        )  # fmt: skip
         return x_BTD, layer_capture or {}
 
     # The blocks run as a `lax.scan` over their parameters stacked along a new layer axis, each

@@ -238,11 +238,21 @@ def test_kernels_lower_for_gpu_and_tpu(monkeypatch, target):
         loss = lambda q, k, v: flash_attention(q, k, v, kv_start_B=s).astype(jnp.float32).sum()
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
+    def packed(q, k, v, s):  # segment ids (packed sequences) as blocked kernel inputs
+        seg = jnp.broadcast_to(jnp.arange(40) // 13, (1, 40))
+        attend = lambda q, k, v: flash_attention(q, k, v, kv_start_B=s, segment_ids_BS=seg)
+        loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
     def decode(q, k, v, s):
         return decode_attention(q, k, v, q_offset=30, kv_start_B=s)
 
     kernel_call = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[target]
     checks = [export.DisabledSafetyCheck.custom_call(kernel_call)]
-    for fn, args in ((train, (q, q, q, starts)), (decode, (q1, q, q, starts))):
+    for fn, args in (
+        (train, (q, q, q, starts)),
+        (packed, (q, q, q, starts)),
+        (decode, (q1, q, q, starts)),
+    ):
         exported = export.export(jax.jit(fn), platforms=[target], disabled_checks=checks)(*args)
         assert kernel_call in exported.mlir_module()

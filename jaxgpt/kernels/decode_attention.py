@@ -99,6 +99,7 @@ def decode_attention(
     *,
     q_offset: jax.Array | int,
     kv_start_B: jax.Array | None = None,
+    segment_ids_BS: None = None,
     blocks: DecodeBlocks | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -109,6 +110,8 @@ def decode_attention(
       k_BHSK, v_BHSK: the cache, already holding this step's key and value at `q_offset`.
       q_offset: the query's slot (traced or static).
       kv_start_B: first valid slot per row (None: 0).
+      segment_ids_BS: must be None: a decode step extends one sequence per row, so there are no
+        packed segments (accepted only to refuse them with a clear error).
       blocks: chunk and inner block sizes (default `DecodeBlocks()`, shrunk for short caches).
       interpret: run in the Pallas interpreter (default: only on CPU).
 
@@ -116,6 +119,11 @@ def decode_attention(
       out_BH1K, equal to `reference_attention(...)[0]` up to float rounding.
     """
     B, H, T, D = q_BH1K.shape
+    if segment_ids_BS is not None:
+        raise ConfigError(
+            "decode_attention takes no segment ids: a decode step extends one sequence per row; "
+            "packed segments are for training/prefill (flash_attention or the 'xla' backend)"
+        )
     if T != 1:
         raise ConfigError(f"decode_attention takes one query per row (T = 1), got T = {T}")
     S = k_BHSK.shape[2]

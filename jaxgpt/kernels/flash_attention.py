@@ -1,9 +1,11 @@
 """Flash attention in Pallas: a tiled forward with an online softmax, and its tiled backward.
 
 The function computed is exactly `jaxgpt.attention.reference_attention` (without dropout): query t
-sits at slot `q_offset + t` and row b may attend to key slots `kv_start_B[b] ≤ s ≤ q_offset + t`.
-A query with no valid key (a left-padding position) gets the reference's uniform average over all
-S keys, so even never-read outputs agree.
+sits at slot `q_offset + t` and row b may attend to key slots `kv_start_B[b] ≤ s ≤ q_offset + t`
+— of the query's own segment when `segment_ids_BS` packs several sequences into a row (the rule
+is `jaxgpt.attention.allowed`, shared with the reference). A query with no valid key (a
+left-padding position) gets the reference's uniform average over all S keys, so even never-read
+outputs agree.
 
 Forward, one program per (row, head, query block):
 
@@ -15,7 +17,9 @@ Forward, one program per (row, head, query block):
     out = acc / l;   lse = m + log(l)            (the log-sum-exp, saved for the backward)
 
 Key blocks entirely in a query block's future, or entirely before the row's first valid slot, are
-never loaded. Sequences of any length are padded up to whole blocks; padded keys are excluded
+never loaded. (With segments, blocks of other segments inside that range are still visited and
+masked: correct for any segment layout, and the causal skip already removes half the work.)
+Sequences of any length are padded up to whole blocks; padded keys are excluded
 by a score far below the mask value, padded queries are sliced away.
 
 Backward (`jax.custom_vjp`): with P = exp(scores - lse) recomputed block by block and
@@ -39,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxgpt.attention import allowed, check_segments, query_segments
 from jaxgpt.errors import ConfigError
 from jaxgpt.kernels import platform as plat
 
@@ -92,9 +97,15 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def allowed_mask(q_slot_Q1: jax.Array, k_slot_1K: jax.Array, kv_start: jax.Array) -> jax.Array:
-    """`[bq, bk]` True where the query may attend to the key (the reference's mask)."""
-    return (k_slot_1K <= q_slot_Q1) & (k_slot_1K >= kv_start)
+def allowed_mask(
+    q_slot_Q1: jax.Array,
+    k_slot_1K: jax.Array,
+    kv_start: jax.Array,
+    q_seg_Q1: jax.Array | None = None,
+    k_seg_1K: jax.Array | None = None,
+) -> jax.Array:
+    """`[bq, bk]` True where the query may attend to the key: the reference's rule on one tile."""
+    return allowed(q_slot_Q1, k_slot_1K, kv_start, q_seg_Q1, k_seg_1K)
 
 
 def masked_scores(
@@ -137,8 +148,22 @@ def kv_block_range(
 # --------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, kv_len, n_k):
+def _split_refs(refs: tuple, segmented: bool) -> tuple:
+    """The kernel refs after q, k, v: (the segment refs or None, the remaining refs)."""
+    return (refs[:2], refs[2:]) if segmented else (None, refs)
+
+
+def _tile_segments(seg_refs, q_rows, k_cols) -> tuple:
+    """The segment ids of a tile's queries `[bq, 1]` and keys `[1, bk]` (None without segments)."""
+    if seg_refs is None:
+        return None, None
+    q_seg_ref, k_seg_ref = seg_refs
+    return q_seg_ref[q_rows, :], k_seg_ref[:, k_cols]
+
+
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *refs, block_k, kv_len, n_k, segmented):
     """One (row, head, query block): online softmax over the visible key blocks."""
+    seg_refs, (o_ref, lse_ref) = _split_refs(refs, segmented)
     b, i = pl.program_id(0), pl.program_id(2)
     q_offset, kv_start = table_ref[0], table_ref[b + 1]
     block_q, head_dim = q_ref.shape
@@ -153,8 +178,9 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, 
         k_KD = k_ref[pl.ds(start, block_k), :]
         v_KD = v_ref[pl.ds(start, block_k), :]
         k_slot_1K = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        s_QK = _dot(q_QD, k_KD, (1, 1)) * scale
-        s_QK = masked_scores(s_QK, allowed_mask(q_slot_Q1, k_slot_1K, kv_start), k_slot_1K, kv_len)
+        q_seg_Q1, k_seg_1K = _tile_segments(seg_refs, slice(None), pl.ds(start, block_k))
+        allowed_QK = allowed_mask(q_slot_Q1, k_slot_1K, kv_start, q_seg_Q1, k_seg_1K)
+        s_QK = masked_scores(_dot(q_QD, k_KD, (1, 1)) * scale, allowed_QK, k_slot_1K, kv_len)
         m_new_Q1 = jnp.maximum(m_Q1, s_QK.max(axis=1, keepdims=True))
         p_QK = jnp.exp(s_QK - m_new_Q1)
         alpha_Q1 = jnp.exp(m_Q1 - m_new_Q1)
@@ -174,20 +200,39 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, 
     lse_ref[...] = m_Q1 + jnp.log(l_Q1)
 
 
-def _forward(q, k, v, table, kv_len: int, blocks: BlockSizes, interpret: bool):
-    """Padded q `[B,H,Tp,D]`, k/v `[B,H,Sp,D]` → (out `[B,H,Tp,D]`, lse `[B,H,Tp,1]` float32)."""
+def _segment_specs(segments, q_rows: int, k_cols: int, q_by_program: bool) -> list[pl.BlockSpec]:
+    """BlockSpecs of the query segments `[B, Tp, 1]` and key segments `[B, 1, Sp]`: the program's
+    own block on one side (queries if `q_by_program`, else keys), the whole row on the other."""
+    if segments is None:
+        return []
+    q_index = (lambda b, h, i: (b, i, 0)) if q_by_program else (lambda b, h, j: (b, 0, 0))
+    k_index = (lambda b, h, i: (b, 0, 0)) if q_by_program else (lambda b, h, j: (b, 0, j))
+    return [pl.BlockSpec((None, q_rows, 1), q_index), pl.BlockSpec((None, 1, k_cols), k_index)]
+
+
+def _forward(q, k, v, table, segments, kv_len: int, blocks: BlockSizes, interpret: bool):
+    """Padded q `[B,H,Tp,D]`, k/v `[B,H,Sp,D]` (and optionally segment ids `([B,Tp,1], [B,1,Sp])`)
+    → (out `[B,H,Tp,D]`, lse `[B,H,Tp,1]` float32)."""
     B, H, Tp, D = q.shape
     Sp = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
     n_q, n_k = Tp // bq, pl.cdiv(kv_len, bk)
-    kernel = functools.partial(_forward_kernel, block_k=bk, kv_len=kv_len, n_k=n_k)
+    kernel = functools.partial(
+        _forward_kernel, block_k=bk, kv_len=kv_len, n_k=n_k, segmented=segments is not None
+    )
     q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, Sp, D), lambda b, h, i: (b, h, 0, 0))
     lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i: (b, h, i, 0))
     return pl.pallas_call(
         kernel,
         grid=(B, H, n_q),
-        in_specs=[plat.scalar_table_spec(table.shape[0]), q_spec, kv_spec, kv_spec],
+        in_specs=[
+            plat.scalar_table_spec(table.shape[0]),
+            q_spec,
+            kv_spec,
+            kv_spec,
+            *_segment_specs(segments, bq, Sp, q_by_program=True),
+        ],
         out_specs=[q_spec, lse_spec],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -196,16 +241,15 @@ def _forward(q, k, v, table, kv_len: int, blocks: BlockSizes, interpret: bool):
         interpret=interpret,
         compiler_params=plat.compiler_params(3),
         name="jaxgpt_flash_forward",
-    )(table, q, k, v)
+    )(table, q, k, v, *(segments or ()))
 
 
 # --------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(
-    table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_k, kv_len, n_k
-):
+def _dq_kernel(table_ref, q_ref, k_ref, v_ref, *refs, block_k, kv_len, n_k, segmented):
     """One (row, head, query block): dQ = Σ over visible key blocks of dS K · scale."""
+    seg_refs, (do_ref, lse_ref, delta_ref, dq_ref) = _split_refs(refs, segmented)
     b, i = pl.program_id(0), pl.program_id(2)
     q_offset, kv_start = table_ref[0], table_ref[b + 1]
     block_q, head_dim = q_ref.shape
@@ -220,7 +264,8 @@ def _dq_kernel(
         k_KD = k_ref[pl.ds(start, block_k), :]
         v_KD = v_ref[pl.ds(start, block_k), :]
         k_slot_1K = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        allowed_QK = allowed_mask(q_slot_Q1, k_slot_1K, kv_start)
+        q_seg_Q1, k_seg_1K = _tile_segments(seg_refs, slice(None), pl.ds(start, block_k))
+        allowed_QK = allowed_mask(q_slot_Q1, k_slot_1K, kv_start, q_seg_Q1, k_seg_1K)
         s_QK = masked_scores(_dot(q_QD, k_KD, (1, 1)) * scale, allowed_QK, k_slot_1K, kv_len)
         p_QK = probabilities(s_QK, lse_Q1, k_slot_1K, kv_len)
         dp_QK = _dot(do_QD, v_KD, (1, 1))
@@ -233,16 +278,15 @@ def _dq_kernel(
     dq_ref[...] = (dq_QD * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-    *, block_q, kv_len, n_q,
-):  # fmt: skip
+def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, *refs, block_q, kv_len, n_q, segmented):
     """One (row, head, key block): dK and dV summed over the query blocks that saw it.
 
     Those are exactly the query blocks whose forward visited this key block (`kv_block_range`):
     the blocks holding empty (all-masked) queries, then the causal ones from the first query
     block that reaches this key block.
     """
+    seg_refs, rest = _split_refs(refs, segmented)
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
     b, j = pl.program_id(0), pl.program_id(2)
     q_offset, kv_start = table_ref[0], table_ref[b + 1]
     block_k, head_dim = k_ref.shape
@@ -259,7 +303,8 @@ def _dkv_kernel(
         lse_Q1 = lse_ref[pl.ds(start, block_q), :]
         delta_Q1 = delta_ref[pl.ds(start, block_q), :]
         q_slot_Q1 = q_offset + start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-        allowed_QK = allowed_mask(q_slot_Q1, k_slot_1K, kv_start)
+        q_seg_Q1, k_seg_1K = _tile_segments(seg_refs, pl.ds(start, block_q), slice(None))
+        allowed_QK = allowed_mask(q_slot_Q1, k_slot_1K, kv_start, q_seg_Q1, k_seg_1K)
         s_QK = masked_scores(_dot(q_QD, k_KD, (1, 1)) * scale, allowed_QK, k_slot_1K, kv_len)
         p_QK = probabilities(s_QK, lse_Q1, k_slot_1K, kv_len)
         dv_KD = dv_KD + _dot(p_QK.astype(do_QD.dtype), do_QD, (0, 0))
@@ -280,7 +325,7 @@ def _dkv_kernel(
     dv_ref[...] = dv_KD.astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, table, out, lse, do, kv_len: int, blocks: BlockSizes, interpret: bool):
+def _backward(q, k, v, table, segments, out, lse, do, kv_len, blocks: BlockSizes, interpret):
     B, H, Tp, D = q.shape
     Sp = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
@@ -294,14 +339,16 @@ def _backward(q, k, v, table, out, lse, do, kv_len: int, blocks: BlockSizes, int
             return pl.BlockSpec((None, None, rows, width), lambda b, h, i: (b, h, i, 0))
         return pl.BlockSpec((None, None, rows, width), lambda b, h, i: (b, h, 0, 0))
 
+    segmented = segments is not None
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block_k=bk, kv_len=kv_len, n_k=n_k),
+        functools.partial(_dq_kernel, block_k=bk, kv_len=kv_len, n_k=n_k, segmented=segmented),
         grid=(B, H, n_q),
         in_specs=[
             table_spec,
             block_of(bq, D, True),
             block_of(Sp, D, False),
             block_of(Sp, D, False),
+            *_segment_specs(segments, bq, Sp, q_by_program=True),
             block_of(bq, D, True),
             block_of(bq, 1, True),
             block_of(bq, 1, True),
@@ -311,16 +358,17 @@ def _backward(q, k, v, table, out, lse, do, kv_len: int, blocks: BlockSizes, int
         interpret=interpret,
         compiler_params=plat.compiler_params(3),
         name="jaxgpt_flash_backward_dq",
-    )(table, q, k, v, do, lse, delta)
+    )(table, q, k, v, *(segments or ()), do, lse, delta)
 
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=bq, kv_len=kv_len, n_q=n_q),
+        functools.partial(_dkv_kernel, block_q=bq, kv_len=kv_len, n_q=n_q, segmented=segmented),
         grid=(B, H, Sp // bk),
         in_specs=[
             table_spec,
             block_of(Tp, D, False),
             block_of(bk, D, True),
             block_of(bk, D, True),
+            *_segment_specs(segments, Tp, bk, q_by_program=False),
             block_of(Tp, D, False),
             block_of(Tp, 1, False),
             block_of(Tp, 1, False),
@@ -330,27 +378,28 @@ def _backward(q, k, v, table, out, lse, do, kv_len: int, blocks: BlockSizes, int
         interpret=interpret,
         compiler_params=plat.compiler_params(3),
         name="jaxgpt_flash_backward_dkv",
-    )(table, q, k, v, do, lse, delta)
+    )(table, q, k, v, *(segments or ()), do, lse, delta)
     return dq, dk, dv
 
 
 # --------------------------------------------------------------------------- custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, table, kv_len, blocks, interpret):
-    return _forward(q, k, v, table, kv_len, blocks, interpret)[0]
+# `segments` is None or the pair of int32 segment-id arrays; like `table`, it gets no cotangent.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, table, segments, kv_len, blocks, interpret):
+    return _forward(q, k, v, table, segments, kv_len, blocks, interpret)[0]
 
 
-def _flash_fwd(q, k, v, table, kv_len, blocks, interpret):
-    out, lse = _forward(q, k, v, table, kv_len, blocks, interpret)
-    return out, (q, k, v, table, out, lse)
+def _flash_fwd(q, k, v, table, segments, kv_len, blocks, interpret):
+    out, lse = _forward(q, k, v, table, segments, kv_len, blocks, interpret)
+    return out, (q, k, v, table, segments, out, lse)
 
 
 def _flash_bwd(kv_len, blocks, interpret, residuals, do):
-    q, k, v, table, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, table, out, lse, do, kv_len, blocks, interpret)
-    return dq, dk, dv, None
+    q, k, v, table, segments, out, lse = residuals
+    dq, dk, dv = _backward(q, k, v, table, segments, out, lse, do, kv_len, blocks, interpret)
+    return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -363,6 +412,7 @@ def flash_attention(
     *,
     q_offset: jax.Array | int = 0,
     kv_start_B: jax.Array | None = None,
+    segment_ids_BS: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -373,6 +423,8 @@ def flash_attention(
       k_BHSK, v_BHSK: keys and values over S cache slots, same dtype as q.
       q_offset: slot of the first query (traced or static).
       kv_start_B: first valid key slot per row (None: 0 for every row).
+      segment_ids_BS: int segment id per key slot `[B, S]` (None: one segment per row); a query
+        attends only to keys of its own segment (that of its slot `q_offset + t`).
       block_sizes: tile sizes (default `default_block_sizes()`).
       interpret: run in the Pallas interpreter (default: only on CPU).
 
@@ -389,8 +441,16 @@ def flash_attention(
     pad_q = ((0, 0), (0, 0), (0, Tp - T), (0, 0))
     pad_kv = ((0, 0), (0, 0), (0, Sp - S), (0, 0))
     table = scalar_table(q_offset, kv_start_B, B)
+    segments = None
+    if segment_ids_BS is not None:
+        check_segments(segment_ids_BS, B, S)
+        seg_BS = jnp.asarray(segment_ids_BS, jnp.int32)
+        # Padded slots are outside every row (masked by kv_len / sliced away): any id will do.
+        q_seg_BTp1 = jnp.pad(query_segments(seg_BS, q_offset, T), ((0, 0), (0, Tp - T)))[..., None]
+        k_seg_B1Sp = jnp.pad(seg_BS, ((0, 0), (0, Sp - S)))[:, None, :]
+        segments = (q_seg_BTp1, k_seg_B1Sp)
     out = _flash(
         jnp.pad(q_BHTK, pad_q), jnp.pad(k_BHSK, pad_kv), jnp.pad(v_BHSK, pad_kv),
-        table, S, blocks, interpret,
+        table, segments, S, blocks, interpret,
     )  # fmt: skip
     return out[:, :, :T]
