@@ -22,6 +22,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -138,3 +139,52 @@ def accuracy(replies: list[str], problems: list[tuple[int, int, int]]) -> tuple[
     hits = np.array([verify(r, a, b) for r, (a, b, _) in zip(replies, problems)], np.float64)
     p = float(hits.mean())
     return p, float(np.sqrt(p * (1 - p) / len(hits)))
+
+
+# --------------------------------------------------------------------------- scoring a model
+
+
+def reply_prompts(problems: list[tuple[int, int, int]], tokenizer: Any) -> list[list[int]]:
+    """The chat prompts (ids ending with the open assistant turn) asking each problem."""
+    from jaxgpt import chat
+
+    return [
+        chat.render_prompt([{"role": "user", "content": question(a, b, p)}], tokenizer)
+        for a, b, p in problems
+    ]
+
+
+def evaluate_model(
+    params: Any,
+    config: Any,
+    tokenizer: Any,
+    *,
+    n: int = 500,
+    seed: int = 1,
+    batch_size: int = 100,
+    max_new_tokens: int = 24,
+) -> dict[str, Any]:
+    """Greedy replies of a chat model to `n` held-out problems, scored by `verify`.
+
+    Returns {"accuracy", "stderr", "n", "examples"} (a few problem/reply pairs to look at).
+    """
+    from jaxgpt import chat
+    from jaxgpt.decode import generate
+
+    problems = held_out_problems(n, seed)
+    prompts = reply_prompts(problems, tokenizer)
+    end = chat.chat_tokens(tokenizer).end
+    max_new_tokens = min(max_new_tokens, config.block_size - max(len(p) for p in prompts))
+    replies: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        rows = generate(params, config, chunk, max_new_tokens, temperature=0.0, eos_id=end)
+        for prompt, row in zip(chunk, rows):
+            new = [t for t in row[len(prompt) :] if t != end]
+            replies.append(tokenizer.decode(new))
+    acc, se = accuracy(replies, problems)
+    examples = [
+        {"question": question(a, b, p), "reply": r, "correct": verify(r, a, b)}
+        for (a, b, p), r in zip(problems[:5], replies[:5])
+    ]
+    return {"accuracy": acc, "stderr": se, "n": n, "examples": examples}

@@ -29,9 +29,15 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import arithmetic, chat
-from jaxgpt.errors import InputError
+from jaxgpt.errors import InputError, JaxgptError
 from jaxgpt.packing import Documents, trained_fraction
-from jaxgpt.tokenizer import Tokenizer
+from jaxgpt.tokenizer import (
+    CharTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    tokenizer_from_json,
+    tokenizer_to_json,
+)
 
 META_VERSION = 1
 FORMAT = "chat"
@@ -143,7 +149,7 @@ def prepare_chat(
         counts = _render_splits(source, tok, tmp, dtype, val_fraction, split_seed, progress)
         meta = {
             "version": META_VERSION, "format": FORMAT, "tokenizer": tokenizer,
-            "tokenizer_spec": chat.tokenizer_spec(tok), "vocab_size": tok.n_vocab,
+            "tokenizer_spec": tokenizer_to_json(tok), "vocab_size": tok.n_vocab,
             "dtype": dtype.name, "source": str(source), "val_fraction": val_fraction,
             "split_seed": split_seed, **counts,
         }  # fmt: skip
@@ -163,14 +169,16 @@ def prepare_chat(
 
 def _chat_tokenizer(source: str, name: str) -> Tokenizer:
     if name == "gpt2":
-        return chat.chat_tokenizer("gpt2")
+        return chat.with_chat_tokens(get_tokenizer("gpt2"))
     if name != "char":
         raise InputError(f"tokenizer must be 'char' or 'gpt2', got {name!r}")
     chars: set[str] = set()
     for _, messages in source_conversations(source):
         for message in messages:
             chars.update(str(message.get("content", "")))
-    return chat.chat_tokenizer("char", chars=chars)
+    if not chars:
+        raise InputError(f"chat data {source!r} holds no text")
+    return chat.with_chat_tokens(CharTokenizer(chars))
 
 
 def _render_splits(
@@ -189,7 +197,7 @@ def _render_splits(
         ):
             try:
                 ids, mask = chat.render_conversation(messages, tok)
-            except InputError as err:
+            except JaxgptError as err:
                 raise InputError(f"{where}: {err}") from None
             draw = rng.random()  # drawn for every conversation: the split depends on the seed only
             split = (
@@ -258,4 +266,4 @@ def describe_mask(docs: Documents, row_len: int, where: str) -> str:
 
 def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
     """The chat tokenizer (special tokens included) a chat data directory was rendered with."""
-    return chat.tokenizer_from_spec(meta["tokenizer_spec"])
+    return tokenizer_from_json(meta["tokenizer_spec"], "meta.json")

@@ -179,6 +179,7 @@ class RunResult:
     tokens_per_s: float | None
     mfu: float | None
     sample: str | None
+    report: dict | None = None  # the stage's figures (report.json), for chat runs
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -567,9 +568,57 @@ def run(
     from jaxgpt.plot import plot_run
 
     plot_run(run_dir)
+    chat = exp.data.format == "chat"
+    if chat:
+        result.report = write_report(run_dir, exp, result, state.params, config, tokenizer)
     if sample and exp.eval.sample_tokens > 0 and jax.process_count() == 1:
-        result.sample = end_of_training_sample(state.params, config, tokenizer, exp)
+        make_sample = chat_sample if chat else end_of_training_sample
+        result.sample = make_sample(state.params, config, tokenizer, exp)
     return result
+
+
+def write_report(
+    run_dir: Path, exp: Experiment, result: RunResult, params: Params, config: GPTConfig,
+    tokenizer: Tokenizer,
+) -> dict:  # fmt: skip
+    """The stage's figures in `run_dir/report.json`: losses, wall time and, for the arithmetic
+    demo, the greedy exact-match accuracy on 500 held-out problems (A ≡ B mod 7)."""
+    report = {
+        "stage": "sft", "experiment": exp.name, "steps": result.step,
+        "train_wall_s": round(result.wall_s, 1), "val_loss": result.val_loss,
+        "train_loss": result.train_loss,
+    }  # fmt: skip
+    if exp.data.source == "arithmetic":
+        from jaxgpt import arithmetic
+
+        t0 = time.perf_counter()
+        scored = arithmetic.evaluate_model(params, config, tokenizer)
+        report["held_out"] = {**scored, "eval_wall_s": round(time.perf_counter() - t0, 1)}
+    path = run_dir / "report.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(path)
+    return report
+
+
+def chat_sample(params: Params, config: GPTConfig, tokenizer: Tokenizer, exp: Experiment) -> str:
+    """The model's reply to `eval.sample_prompt` asked as a user turn (until its end-of-turn)."""
+    from jaxgpt import chat
+    from jaxgpt.decode import generate
+
+    question = exp.eval.sample_prompt.strip() or "Hello!"
+    prompt = chat.render_prompt([{"role": "user", "content": question}], tokenizer)
+    end = chat.chat_tokens(tokenizer).end
+    room = config.block_size - len(prompt)
+    if room < 1:
+        return f"user: {question}\n(no room left in the context for a reply)"
+    out = generate(
+        params, config, prompt, min(exp.eval.sample_tokens, room), eos_id=end,
+        key=jax.random.key(exp.schedule.seed), temperature=exp.eval.temperature,
+        top_k=exp.eval.top_k or None,
+    )  # fmt: skip
+    reply = tokenizer.decode([t for t in out[len(prompt) :] if t != end])
+    return f"user: {question}\nassistant: {reply}"
 
 
 def checkpoint_step(run_dir: Path) -> int:

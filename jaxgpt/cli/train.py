@@ -70,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
         figures.append(f"{result.tokens_per_s:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%")
     print(f"{exp.name}: " + ", ".join(figures))
     print(f"run directory: {out} (loss curve: {out / 'loss.png'})")
+    held_out = (result.report or {}).get("held_out")
+    if held_out:
+        print(
+            f"held-out accuracy: {100 * held_out['accuracy']:.1f}% ± "
+            f"{100 * held_out['stderr']:.1f} on {held_out['n']} problems (A ≡ B mod 7, never "
+            f"trained) — figures in {out / 'report.json'}"
+        )
     if result.sample is not None:
         print("-" * 30 + " sample " + "-" * 30)
         print(result.sample)
