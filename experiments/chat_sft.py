@@ -29,7 +29,7 @@ EXPERIMENT = Experiment(
         tokenizer="char",
         val_fraction=0.05,
         batch_size=16,
-    ),  # fmt: skip
+    ),
     optim=OptimSection(lr=3e-3, weight_decay=0.1, beta2=0.99, grad_clip=1.0),
     schedule=ScheduleSection(max_steps=1000, warmup_steps=100, min_lr_ratio=0.1),
     eval=EvalSection(
@@ -39,6 +39,6 @@ EXPERIMENT = Experiment(
         sample_tokens=40,
         sample_prompt="What is 12 + 34?",
         temperature=0.0,
-    ),  # fmt: skip
+    ),
     checkpoint=CheckpointSection(interval=250, keep=2),
 )
