@@ -3,10 +3,12 @@
 The prompt's journey, module by module:
   tokenizer.py (text → ids) → model.py (embeddings → blocks → logits; attention in attention.py)
   → sampling.py (logits → next token) → tokenizer.py (ids → text).
+  chat.py renders conversations as (ids, training mask); objectives.py holds the losses.
 """
 
 from jaxgpt.config import PRESETS, GPTConfig, get_preset
 from jaxgpt.errors import (
+    ChatFormatError,
     CheckpointFormatError,
     ConfigError,
     InputError,
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "CharTokenizer",
+    "ChatFormatError",
     "CheckpointFormatError",
     "ConfigError",
     "GPTConfig",

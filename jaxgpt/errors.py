@@ -22,3 +22,7 @@ class CheckpointFormatError(JaxgptError):
 
 class TokenizerError(JaxgptError):
     """A tokenizer could not be built or could not encode the given text."""
+
+
+class ChatFormatError(JaxgptError):
+    """A conversation (or chat data file) is not in the chat format; the message says where."""

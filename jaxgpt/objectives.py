@@ -65,8 +65,35 @@ def sft(
         params, tokens_BT1[:, :-1], config, train=key is not None, key=key,
         positions_BT=batch["positions"][:, :-1], segment_ids_BT=segments_BT1[:, :-1],
     )  # fmt: skip
-    loss_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
-    return masked_mean(loss_BT, loss_weights(batch["mask"], segments_BT1))
+    weights_BT = loss_weights(batch["mask"], segments_BT1)
+    loss, count = masked_next_token_loss(logits_BTV, tokens_BT1[:, 1:], weights_BT)
+    return loss, count.astype(jnp.float32)
+
+
+def masked_next_token_loss(
+    logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy over the positions where `mask_BT` is 1, and their count.
+
+    Args:
+      logits_BTV: float logits at each position.
+      targets_BT: the token each position should predict; where the mask is 0 any value is
+        accepted (e.g. -1 padding) and ignored.
+      mask_BT: 1 (or True) where the target is trained, 0 elsewhere.
+
+    Returns:
+      (loss, count): the float32 mean over the trained positions (0 when there are none, never
+      NaN) and the int32 number of trained positions.
+    """
+    mask_BT = mask_BT.astype(bool)
+    # Masked-out targets may be padding ids outside the vocabulary: replace them before indexing.
+    safe_targets_BT = jnp.where(mask_BT, targets_BT, 0)
+    loss_BT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), safe_targets_BT
+    )
+    count = mask_BT.sum(dtype=jnp.int32)
+    total = jnp.where(mask_BT, loss_BT, 0.0).sum()
+    return total / jnp.maximum(count, 1).astype(jnp.float32), count
 
 
 OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft}

@@ -174,3 +174,29 @@ def check_params(params: Params, config: GPTConfig) -> None:
                 f"params{jax.tree_util.keystr(path)} has shape {tuple(got.shape)}, "
                 f"but the config implies {tuple(want.shape)}"
             )
+
+
+def grow_vocab(
+    config: GPTConfig, params: Params, vocab_size: int, key: jax.Array, *, noise: float = 0.1
+) -> tuple[GPTConfig, Params]:
+    """Grow the token embedding to `vocab_size` rows for new ids (e.g. the chat tokens).
+
+    Existing rows are kept exactly. Each new row is the mean of the existing rows plus Gaussian
+    noise of `noise` times their per-dimension standard deviation. Why the mean: the embedding
+    is also the output layer (tied), so a new token's logit is `h · row`; at the mean, that is
+    the average logit over the vocabulary, so the pretrained model's predictions barely change
+    (a random N(0, 0.02) row can score far above or below real tokens, and a zero row scores 0,
+    which is far above GPT-2's typical logits). The small noise makes the new tokens differ from
+    each other, so they can learn different roles. Returns the config with the new `vocab_size`
+    and the params with the grown `wte`; everything else is shared, not copied.
+    """
+    check_params(params, config)
+    old = config.vocab_size
+    if vocab_size < old:
+        raise InputError(f"grow_vocab: vocab_size {vocab_size} is smaller than the model's {old}")
+    wte_VD = jnp.asarray(params["wte"], jnp.float32)
+    mean_D, std_D = wte_VD.mean(axis=0), wte_VD.std(axis=0)
+    z_ND = jax.random.normal(key, (vocab_size - old, wte_VD.shape[1]), jnp.float32)
+    new_ND = mean_D + noise * std_D * z_ND
+    grown = {**params, "wte": jnp.concatenate([wte_VD, new_ND]).astype(params["wte"].dtype)}
+    return config.replace(vocab_size=vocab_size), grown

@@ -7,6 +7,12 @@ head `lm_head` is tied to `wte` and is not stored separately.
 
 Reading needs only `safetensors` (numpy); `pytorch_model.bin` files are read with
 `torch.load(weights_only=True)`, which never unpickles arbitrary objects.
+
+With a GPT-2 BPE tokenizer, `save_hf` also writes Hugging Face tokenizer files built from the
+BPE files bundled with jaxgpt (`vocab.json`, `merges.txt`, `tokenizer_config.json`,
+`special_tokens_map.json`), including any added special tokens (ids after 50256) and, when those
+are the chat tokens, the chat template (`jaxgpt.chat.hf_chat_template`); `load_hf_tokenizer`
+reads the added tokens back.
 """
 
 from __future__ import annotations
@@ -19,9 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt import chat
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError
 from jaxgpt.params import Params, check_params
+from jaxgpt.tokenizer import (
+    ENDOFTEXT,
+    CharTokenizer,
+    Tokenizer,
+    added_special_tokens,
+    get_tokenizer,
+    read_bundled_bpe,
+)
 
 # jaxgpt leaf path (within one block) → Hugging Face name suffix (within `h.{i}.`).
 _BLOCK_NAMES = {
@@ -229,11 +244,18 @@ def load_hf(path: str | Path, **config_overrides: Any) -> tuple[GPTConfig, Param
     return config, params
 
 
-def save_hf(config: GPTConfig, params: Params, path: str | Path) -> Path:
-    """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads."""
+def save_hf(
+    config: GPTConfig, params: Params, path: str | Path, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
+
+    With `tokenizer` (GPT-2's BPE, possibly with added special tokens such as the chat tokens),
+    also the tokenizer files `transformers.AutoTokenizer.from_pretrained` loads offline.
+    """
     from safetensors.numpy import save_file
 
     check_params(params, config)
+    tokenizer_files = {} if tokenizer is None else hf_tokenizer_files(tokenizer, config)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
@@ -253,4 +275,89 @@ def save_hf(config: GPTConfig, params: Params, path: str | Path) -> Path:
         put(block_params, _BLOCK_NAMES, f"h.{i}.")
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+    for name, data in tokenizer_files.items():
+        (directory / name).write_bytes(data)
     return directory
+
+
+def _added_token(content: str) -> dict[str, Any]:
+    return dict(
+        content=content, lstrip=False, rstrip=False, normalized=False, single_word=False,
+        special=True,
+    )  # fmt: skip
+
+
+def hf_tokenizer_files(tokenizer: Tokenizer, config: GPTConfig) -> dict[str, bytes]:
+    """The Hugging Face tokenizer files for a GPT-2 BPE tokenizer: file name → contents.
+
+    `vocab.json` and `merges.txt` are the bundled BPE files (GPT-2's own, hash-checked); the
+    added special tokens are listed in `tokenizer_config.json` with their ids, and a tokenizer
+    with the chat tokens gets the chat template and `<|end|>` as its end-of-sequence token (the
+    end of an assistant turn, where generation stops).
+    """
+    if isinstance(tokenizer, CharTokenizer):
+        raise CheckpointFormatError(
+            "Hugging Face tokenizer files can be written only for GPT-2's BPE tokenizer, not "
+            "the character tokenizer; export without a tokenizer (weights only)"
+        )
+    if tokenizer.n_vocab > config.vocab_size:
+        raise CheckpointFormatError(
+            f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {config.vocab_size} "
+            f"embedding rows; grow the vocabulary first (jaxgpt.params.grow_vocab)"
+        )
+    added = [ENDOFTEXT, *added_special_tokens(tokenizer)]
+    is_chat = set(chat.CHAT_TOKENS) <= set(added)
+    special = dict(
+        bos_token=ENDOFTEXT,
+        eos_token=chat.END if is_chat else ENDOFTEXT,
+        unk_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+    )
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.block_size,
+        **special,
+        "added_tokens_decoder": {
+            str(tokenizer.encode_single_token(t)): _added_token(t) for t in added
+        },
+    }
+    if is_chat:
+        tokenizer_config["chat_template"] = chat.hf_chat_template()
+    special_map = {**special, "additional_special_tokens": added[1:]}
+
+    def as_json(value: Any) -> bytes:
+        return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+    return {
+        "vocab.json": read_bundled_bpe("encoder.json"),
+        "merges.txt": read_bundled_bpe("vocab.bpe"),
+        "tokenizer_config.json": as_json(tokenizer_config),
+        "special_tokens_map.json": as_json(special_map),
+    }
+
+
+def load_hf_tokenizer(path: str | Path) -> Tokenizer:
+    """GPT-2's BPE with the special tokens a Hugging Face directory adds after id 50256.
+
+    The added tokens are read from `tokenizer_config.json` (`added_tokens_decoder`); a directory
+    without one (e.g. a plain GPT-2 checkpoint) gives the plain GPT-2 tokenizer.
+    """
+    directory = _resolve_dir(path)
+    config_file = directory / "tokenizer_config.json"
+    if not config_file.exists():
+        return get_tokenizer("gpt2")
+    try:
+        decoder = json.loads(config_file.read_text()).get("added_tokens_decoder", {})
+        added = sorted((int(i), entry["content"]) for i, entry in decoder.items())
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointFormatError(f"cannot read added tokens from {config_file}: {err}") from err
+    extra = [(i, name) for i, name in added if i > 50256]
+    if [i for i, _ in extra] != list(range(50257, 50257 + len(extra))):
+        raise CheckpointFormatError(
+            f"{config_file} adds tokens at ids {[i for i, _ in extra]}; jaxgpt reads GPT-2's BPE "
+            f"with added tokens numbered consecutively from 50257"
+        )
+    return get_tokenizer("gpt2", special_tokens=[name for _, name in extra])

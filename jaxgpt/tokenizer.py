@@ -7,6 +7,11 @@ Two tokenizers share one small interface (`encode`, `decode`, `n_vocab`, `eot_to
   download), so it is tiktoken's "gpt2" encoding without any network access.
 * A character-level tokenizer whose vocabulary is the sorted set of characters of a corpus, saved
   as JSON next to the prepared data.
+
+Either may carry extra *special tokens* (the chat format's turn markers, `jaxgpt.chat`), with ids
+after the base vocabulary: GPT-2's from 50257 on, the character tokenizer's after its characters.
+`encode_ordinary` never produces them — text that merely looks like a special token is ordinary
+text — and `encode_single_token(name)` gives a special token's id (both are tiktoken's names).
 """
 
 from __future__ import annotations
@@ -48,7 +53,14 @@ class Tokenizer(Protocol):
     @property
     def eot_token(self) -> int | None: ...
 
+    @property
+    def special_tokens_set(self) -> set[str]: ...
+
     def encode(self, text: str, **kwargs) -> list[int]: ...
+
+    def encode_ordinary(self, text: str) -> list[int]: ...
+
+    def encode_single_token(self, text: str) -> int: ...
 
     def decode(self, tokens: Sequence[int]) -> str: ...
 
@@ -71,7 +83,8 @@ def _byte_decoder() -> dict[str, int]:
     return table
 
 
-def _read_checked(name: str) -> bytes:
+def read_bundled_bpe(name: str) -> bytes:
+    """A bundled GPT-2 BPE file ("encoder.json" or "vocab.bpe"), checked against its sha256."""
     data = (resources.files("jaxgpt") / "assets" / "gpt2-bpe" / name).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != _GPT2_FILES[name]:
@@ -82,10 +95,22 @@ def _read_checked(name: str) -> bytes:
     return data
 
 
+def check_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
+    """The special tokens as a tuple, refusing duplicates, empty names and non-strings."""
+    special_tokens = tuple(special_tokens)
+    bad = [t for t in special_tokens if not isinstance(t, str) or not t]
+    if bad or len(set(special_tokens)) != len(special_tokens):
+        raise TokenizerError(
+            f"special tokens must be distinct non-empty strings, got {list(special_tokens)!r}"
+        )
+    return special_tokens
+
+
 @functools.cache
-def _gpt2_encoding() -> tiktoken.Encoding:
+def _gpt2_encoding(special_tokens: tuple[str, ...] = ()) -> tiktoken.Encoding:
+    """GPT-2's BPE, with `special_tokens` (beyond <|endoftext|>) at ids 50257, 50258, ..."""
     to_byte = _byte_decoder()
-    encoder = json.loads(_read_checked("encoder.json"))
+    encoder = json.loads(read_bundled_bpe("encoder.json"))
     ranks = {
         bytes(to_byte[ch] for ch in token): rank
         for token, rank in encoder.items()
@@ -93,30 +118,56 @@ def _gpt2_encoding() -> tiktoken.Encoding:
     }
     # vocab.bpe lists the merges in priority order; tiktoken's ranks are the encoder ids, and the
     # two agree exactly when merge i produced token 256 + i. Check it, as tiktoken does.
-    merges = _read_checked("vocab.bpe").decode("utf-8").split("\n")[1:-1]
+    merges = read_bundled_bpe("vocab.bpe").decode("utf-8").split("\n")[1:-1]
     for i, merge in enumerate(merges):
         left, right = merge.split(" ")
         merged = bytes(to_byte[ch] for ch in left + right)
         if ranks.get(merged) != 256 + i:
             raise TokenizerError(f"vocab.bpe merge {i} ({merge!r}) disagrees with encoder.json")
+    if ENDOFTEXT in special_tokens:
+        raise TokenizerError(f"{ENDOFTEXT} is already GPT-2's token {encoder[ENDOFTEXT]}")
+    special = {ENDOFTEXT: encoder[ENDOFTEXT]}
+    special.update({name: len(encoder) + i for i, name in enumerate(special_tokens)})
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=_GPT2_PATTERN,
         mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: encoder[ENDOFTEXT]},
-        explicit_n_vocab=len(encoder),
+        special_tokens=special,
+        explicit_n_vocab=len(encoder) + len(special_tokens),
     )
 
 
-class CharTokenizer:
-    """One token per character; the vocabulary is the sorted set of characters of a corpus."""
+def added_special_tokens(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The special tokens added to the base vocabulary, in id order (GPT-2's <|endoftext|> is part
+    of its base vocabulary, not added)."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.special_tokens
+    names = tokenizer.special_tokens_set - {ENDOFTEXT}
+    return tuple(sorted(names, key=tokenizer.encode_single_token))
 
-    def __init__(self, chars: Iterable[str]):
+
+def add_special_tokens(tokenizer: Tokenizer, special_tokens: Sequence[str]) -> Tokenizer:
+    """`tokenizer` with `special_tokens` appended after its vocabulary (those it has are kept)."""
+    new = [t for t in check_special_tokens(special_tokens) if t not in tokenizer.special_tokens_set]
+    if not new:
+        return tokenizer
+    if isinstance(tokenizer, CharTokenizer):
+        return CharTokenizer(tokenizer.chars, tokenizer.special_tokens + tuple(new))
+    return _gpt2_encoding(added_special_tokens(tokenizer) + tuple(new))
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the sorted set of characters of a corpus,
+    followed by the special tokens (if any)."""
+
+    def __init__(self, chars: Iterable[str], special_tokens: Sequence[str] = ()):
         self.chars = sorted(set(chars))
         if not self.chars:
             raise TokenizerError("a character tokenizer needs at least one character")
+        self.special_tokens = check_special_tokens(special_tokens)
         self.name = "char"
         self._index = {ch: i for i, ch in enumerate(self.chars)}
+        self._special = {t: len(self.chars) + i for i, t in enumerate(self.special_tokens)}
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -124,7 +175,11 @@ class CharTokenizer:
 
     @property
     def n_vocab(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + len(self.special_tokens)
+
+    @property
+    def special_tokens_set(self) -> set[str]:
+        return set(self.special_tokens)
 
     @property
     def eot_token(self) -> None:
@@ -138,11 +193,27 @@ class CharTokenizer:
             )
         return [self._index[ch] for ch in text]
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Characters only: a special token's text is encoded character by character."""
+        return self.encode(text)
+
+    def encode_single_token(self, text: str) -> int:
+        """The id of a special token or of one character (KeyError otherwise, as tiktoken)."""
+        if text in self._special:
+            return self._special[text]
+        return self._index[text]
+
     def decode(self, tokens: Sequence[int]) -> str:
-        return "".join(self.chars[int(t)] for t in tokens)
+        n = len(self.chars)
+        return "".join(
+            self.chars[t] if t < n else self.special_tokens[t - n] for t in map(int, tokens)
+        )
 
     def to_json(self) -> dict:
-        return {"type": "char", "chars": "".join(self.chars)}
+        spec = {"type": "char", "chars": "".join(self.chars)}
+        if self.special_tokens:
+            spec["special_tokens"] = list(self.special_tokens)
+        return spec
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False))
@@ -156,21 +227,52 @@ class CharTokenizer:
             raise TokenizerError(f"cannot read a character vocabulary from {path}: {err}") from err
         if spec.get("type") != "char" or not isinstance(spec.get("chars"), str):
             raise TokenizerError(f"{path} is not a jaxgpt character vocabulary")
-        return cls(spec["chars"])
+        return cls(spec["chars"], _special_from_spec(spec, path))
 
 
-def get_tokenizer(name: str = "gpt2", path: str | Path | None = None) -> Tokenizer:
+def _special_from_spec(spec: dict, where: object) -> tuple[str, ...]:
+    special = spec.get("special_tokens", [])
+    if not isinstance(special, list):
+        raise TokenizerError(f"{where}: special_tokens must be a list of strings")
+    return check_special_tokens(special)
+
+
+def tokenizer_to_json(tokenizer: Tokenizer) -> dict:
+    """The `tokenizer.json` description of a tokenizer (read back by `tokenizer_from_json`):
+    `{"type": "char", "chars": ...}` or `{"type": "gpt2"}`, plus `"special_tokens": [...]` when
+    special tokens were added."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.to_json()
+    special = added_special_tokens(tokenizer)
+    return {"type": "gpt2", **({"special_tokens": list(special)} if special else {})}
+
+
+def tokenizer_from_json(spec: dict, where: object = "tokenizer.json") -> Tokenizer:
+    """The tokenizer a `tokenizer_to_json` dict describes; `where` names its file in errors."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "char" and isinstance(spec.get("chars"), str):
+        return CharTokenizer(spec["chars"], _special_from_spec(spec, where))
+    if kind == "gpt2":
+        return _gpt2_encoding(_special_from_spec(spec, where))
+    raise TokenizerError(f"{where} does not describe a jaxgpt tokenizer (type 'char' or 'gpt2')")
+
+
+def get_tokenizer(
+    name: str = "gpt2", path: str | Path | None = None, *, special_tokens: Sequence[str] = ()
+) -> Tokenizer:
     """A tokenizer by name.
 
     Args:
       name: "gpt2" for GPT-2's BPE (a `tiktoken.Encoding`, built offline), or "char" for a
         character-level tokenizer whose vocabulary JSON is at `path`.
       path: the vocabulary file, for "char".
+      special_tokens: extra special tokens, appended after the vocabulary (for "char", after
+        those its file lists).
     """
     if name == "gpt2":
-        return _gpt2_encoding()
+        return _gpt2_encoding(check_special_tokens(special_tokens))
     if name == "char":
         if path is None:
             raise TokenizerError("the 'char' tokenizer needs the path of its vocabulary JSON")
-        return CharTokenizer.load(path)
+        return add_special_tokens(CharTokenizer.load(path), special_tokens)
     raise TokenizerError(f"unknown tokenizer {name!r}; expected 'gpt2' or 'char'")
