@@ -26,7 +26,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, InputError
-from jaxgpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
+from jaxgpt.tokenizer import Tokenizer, tokenizer_from_json, tokenizer_to_json
 
 EXPERIMENT_FILE = "experiment.json"
 MODEL_FILE = "model.json"
@@ -111,7 +111,7 @@ def write_run_files(
 ) -> None:
     (run_dir / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=1))
     (run_dir / MODEL_FILE).write_text(json.dumps(config.to_dict(), indent=1))
-    spec = tokenizer.to_json() if isinstance(tokenizer, CharTokenizer) else {"type": "gpt2"}
+    spec = tokenizer_to_json(tokenizer)  # chat tokens included
     (run_dir / TOKENIZER_FILE).write_text(json.dumps(spec, ensure_ascii=False))
 
 
@@ -124,10 +124,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def load_tokenizer(run_dir: str | Path) -> Tokenizer:
     path = Path(run_dir) / TOKENIZER_FILE
-    spec = read_json(path)
-    if spec.get("type") == "char":
-        return CharTokenizer.load(path)
-    return get_tokenizer("gpt2")
+    return tokenizer_from_json(read_json(path), path)
 
 
 def is_run_dir(path: str | Path) -> bool:
