@@ -83,7 +83,7 @@ def draw_pairs(rng: np.random.Generator, n: int, *, held_out: bool) -> list[tupl
 
 
 def conversation(
-    rng: np.random.Generator, *, held_out: bool = False, max_turns: int = 3
+    rng: np.random.Generator, *, held_out: bool = False, max_turns: int = 2
 ) -> list[dict[str, str]]:
     """One chat: an optional system prompt, then 1..max_turns question/answer turns."""
     turns = 1 if rng.random() < 0.7 else int(rng.integers(2, max_turns + 1))
