@@ -41,7 +41,7 @@ from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, Jaxgpt
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
 from jaxgpt.objectives import Objective, get_objective, next_token
 from jaxgpt.optim import make_optimizer
-from jaxgpt.params import Params, check_params, init_params
+from jaxgpt.params import Params, check_params, grow_vocab, init_params
 from jaxgpt.tokenizer import Tokenizer
 
 # Changing these does not change what the model computes, so a run may resume with new values.
@@ -288,6 +288,9 @@ def initial_params(
                 f"got {tokenizer_name!r}"
             )
         config, params = load_hf(m.init, **overrides)
+    if config.vocab_size < vocab_size and tokenizer_name == "gpt2":
+        # GPT-2 BPE data with the chat tokens (ids from 50257 up): grow the embedding for them.
+        config, params = grow_vocab(config, params, vocab_size, jax.random.key(exp.schedule.seed))
     if config.vocab_size < vocab_size:
         raise ConfigError(
             f"model.init {m.init!r} has vocab_size {config.vocab_size}, smaller than the data's "
