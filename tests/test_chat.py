@@ -3,6 +3,8 @@ growing GPT-2's vocabulary, and the Hugging Face export (tokenizer files + chat 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,3 +278,76 @@ def test_character_tokenizers_are_not_exported_as_hugging_face_files(tmp_path, c
     with pytest.raises(CheckpointFormatError, match="only for GPT-2's BPE tokenizer"):
         save_hf(config, params, tmp_path / "out", char_tok)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# --------------------------------------------------------------------------- chat data files
+
+
+def write_lines(path, lines: list[str]):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_read_conversations_accepts_the_three_line_forms(tmp_path):
+    from jaxgpt.chat import read_conversations
+
+    path = write_lines(
+        tmp_path / "chat.jsonl",
+        [
+            '{"messages": [{"role": "user", "content": "Hi"}, '
+            '{"role": "assistant", "content": "Hello"}]}',
+            "",  # blank lines are skipped
+            '{"instruction": "Add.", "input": "2 + 3", "output": "5"}',
+            '{"instruction": "Say hi.", "output": "hi"}',
+            '{"prompt": "1 + 1?", "response": "2", "id": 7}',
+        ],
+    )
+    user, assistant = "user", "assistant"
+    assert list(read_conversations(path)) == [
+        [{"role": user, "content": "Hi"}, {"role": assistant, "content": "Hello"}],
+        [{"role": user, "content": "Add.\n\n2 + 3"}, {"role": assistant, "content": "5"}],
+        [{"role": user, "content": "Say hi."}, {"role": assistant, "content": "hi"}],
+        [{"role": user, "content": "1 + 1?"}, {"role": assistant, "content": "2"}],
+    ]
+
+
+GOOD_LINE = '{"prompt": "a", "response": "b"}'
+BAD_LINES = {
+    "not json": ('{"messages": [', r"not valid JSON \("),
+    "not an object": ("[1, 2]", "expected a JSON object, got list"),
+    "no messages": ('{"text": "hello"}', r'no "messages" \(nor "instruction"'),
+    "empty messages": ('{"messages": []}', "non-empty list of messages"),
+    "unknown role": (
+        '{"messages": [{"role": "human", "content": "a"}]}',
+        "message 1 has unknown role 'human'",
+    ),
+    "no assistant turn": ('{"messages": [{"role": "user", "content": "a"}]}', "no assistant turn"),
+    "two user turns": (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+        "messages 1 and 2 are both user turns",
+    ),
+    "non-string output": ('{"instruction": "a", "output": 5}', '"output" must be a string'),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_chat_lines_name_file_and_line(tmp_path, case):
+    from jaxgpt.chat import read_conversations
+
+    line, problem = BAD_LINES[case]
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD_LINE, "", line])
+    where = re.escape(f"{tmp_path / 'bad.jsonl'}:3: ")
+    with pytest.raises(ChatFormatError, match=rf"^{where}(.*){problem}") as err:
+        list(read_conversations(path))
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_chat_files_are_clear_errors(tmp_path):
+    from jaxgpt.chat import read_conversations
+
+    with pytest.raises(ChatFormatError, match="cannot read chat data .*missing.jsonl"):
+        list(read_conversations(tmp_path / "missing.jsonl"))
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD_LINE.encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ChatFormatError, match="latin1.jsonl:2: not UTF-8 text"):
+        list(read_conversations(path))
