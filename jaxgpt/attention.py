@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ATTENTION_BACKENDS
-from jaxgpt.errors import ConfigError
+from jaxgpt.errors import ConfigError, InputError
 
 # A large negative score rather than -inf, so a fully masked row (a padding query) gives a uniform
 # distribution instead of NaN; its output is never read.
@@ -61,7 +61,7 @@ def check_segments(segment_ids_BS: jax.Array, B: int, S: int) -> None:
     """A clear error for segment ids of the wrong shape or dtype (they describe the S key slots)."""
     shape = tuple(getattr(segment_ids_BS, "shape", ()))
     if shape != (B, S) or not jnp.issubdtype(segment_ids_BS.dtype, jnp.integer):
-        raise ConfigError(
+        raise InputError(
             f"segment ids must be an integer array [B, S] = [{B}, {S}] (one id per key slot), "
             f"got shape {shape} and dtype {getattr(segment_ids_BS, 'dtype', None)}"
         )
