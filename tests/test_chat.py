@@ -268,6 +268,10 @@ def test_exported_chat_model_loads_in_transformers_and_back(exported_chat_model,
     np.testing.assert_array_equal(params2["wte"], params["wte"])
     tok = load_hf_tokenizer(directory)
     assert tok.n_vocab == 50262 and chat_tokens(tok) == chat_tokens(gpt2_tok)
+    # The CLI's MODEL argument reads the same tokenizer from the directory.
+    from jaxgpt.cli.common import load_model
+
+    assert chat_tokens(load_model(str(directory)).tokenizer) == chat_tokens(gpt2_tok)
 
 
 def test_character_tokenizers_are_not_exported_as_hugging_face_files(tmp_path, char_tok):
