@@ -355,3 +355,31 @@ def test_unreadable_chat_files_are_clear_errors(tmp_path):
     path.write_bytes(GOOD_LINE.encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1"))
     with pytest.raises(ChatFormatError, match="latin1.jsonl:2: not UTF-8 text"):
         list(read_conversations(path))
+
+
+def test_plain_gpt2_export_has_no_chat_template_and_tokenizes_like_tiktoken(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from jaxgpt.pretrained import load_hf_tokenizer, save_hf
+
+    config, params = small_gpt2()
+    tok = get_tokenizer("gpt2")
+    save_hf(config, params, tmp_path / "hf", tok)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.chat_template is None and hf.eos_token == "<|endoftext|>"
+    text = "Hello world!  It's 2026 —\tcafé <|end|>\n\n  done"
+    assert hf.encode(text) == tok.encode_ordinary(text)
+    assert load_hf_tokenizer(tmp_path / "hf").n_vocab == 50257
+
+
+def test_added_tokens_must_follow_gpt2s_vocabulary(tmp_path):
+    import json
+
+    from jaxgpt.errors import CheckpointFormatError
+    from jaxgpt.pretrained import load_hf_tokenizer
+
+    entry = {"content": "<|x|>", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"added_tokens_decoder": {"50300": entry}})
+    )
+    with pytest.raises(CheckpointFormatError, match="adds tokens at ids \\[50300\\]"):
+        load_hf_tokenizer(tmp_path)
