@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ATTENTION_BACKENDS
-from jaxgpt.errors import ConfigError
+from jaxgpt.errors import ConfigError, InputError
 
 # A large negative score rather than -inf, so a fully masked row (a padding query) gives a uniform
 # distribution instead of NaN; its output is never read.
@@ -61,7 +61,7 @@ def check_segments(segment_ids_BS: jax.Array, B: int, S: int) -> None:
     """A clear error for segment ids of the wrong shape or dtype (they describe the S key slots)."""
     shape = tuple(getattr(segment_ids_BS, "shape", ()))
     if shape != (B, S) or not jnp.issubdtype(segment_ids_BS.dtype, jnp.integer):
-        raise ConfigError(
+        raise InputError(
             f"segment ids must be an integer array [B, S] = [{B}, {S}] (one id per key slot), "
             f"got shape {shape} and dtype {getattr(segment_ids_BS, 'dtype', None)}"
         )
@@ -80,6 +80,7 @@ def attention_mask(
     kv_start_B11 = kv_start_B[:, None, None]
     if segment_ids_BS is None:
         return allowed(q_slot_11T1, k_slot_111S, kv_start_B11)
+    check_segments(segment_ids_BS, kv_start_B.shape[0], S)
     q_seg_BT1 = query_segments(segment_ids_BS, q_offset, T)[:, :, None]
     return allowed(q_slot_11T1, k_slot_111S, kv_start_B11, q_seg_BT1, segment_ids_BS[:, None, :])
 
@@ -139,8 +140,6 @@ def reference_attention(
     S = k_BHSK.shape[2]
     if kv_start_B is None:
         kv_start_B = jnp.zeros((B,), jnp.int32)
-    if segment_ids_BS is not None:
-        check_segments(segment_ids_BS, B, S)
     mask_BTS = attention_mask(q_offset, T, S, kv_start_B, segment_ids_BS)
     return _attention_batch(q_BHTK, k_BHSK, v_BHSK, mask_BTS, keep_BHTS, dropout_rate)
 
@@ -204,8 +203,6 @@ def cudnn_attention(
     else:
         if kv_start_B is None:
             kv_start_B = jnp.zeros((B,), jnp.int32)
-        if segment_ids_BS is not None:
-            check_segments(segment_ids_BS, B, S)
         mask_B1TS = attention_mask(q_offset, T, S, kv_start_B, segment_ids_BS)[:, None]
         out_BTHK = jax.nn.dot_product_attention(
             q_BTHK, k_BSHK, v_BSHK, mask=mask_B1TS, implementation="cudnn"

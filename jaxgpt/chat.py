@@ -24,13 +24,16 @@ Content is encoded with `encode_ordinary`, so a user who types "<|end|>" gets th
 "<|end|>", never the special token: only this module places special tokens. `render_prompt`
 renders a conversation ending with a user turn, plus the open `<|assistant|>` header the model
 continues. Hugging Face exports carry the same format as a Jinja chat template
-(`hf_chat_template`, written by `jaxgpt.pretrained.save_hf`).
+(`hf_chat_template`, written by `jaxgpt.pretrained.save_hf`). `read_conversations` streams chat
+data files (`.jsonl`, one conversation per line).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxgpt.errors import ChatFormatError
@@ -190,3 +193,80 @@ def hf_chat_template() -> str:
             f"{{%- if add_generation_prompt -%}}{{{{- '{ASSISTANT}' -}}}}{{%- endif -%}}",
         ]
     )
+
+
+# --------------------------------------------------------------------------- chat data files
+
+
+def _text_field(record: dict, key: str) -> str:
+    value = record.get(key, "")
+    if not isinstance(value, str):
+        raise ChatFormatError(f'"{key}" must be a string, got {type(value).__name__}')
+    return value
+
+
+def conversation_from_record(record: Any) -> list[Message]:
+    """One `.jsonl` line's object → a training conversation (validated, with an assistant turn).
+
+    Three line forms are accepted:
+
+      {"messages": [{"role": ..., "content": ...}, ...]}
+      {"instruction": ..., "input": ..., "output": ...}   ("input" optional; the user turn is the
+                                                          instruction, a blank line, the input)
+      {"prompt": ..., "response": ...}                    (one user turn, one assistant turn)
+    """
+    if not isinstance(record, dict):
+        raise ChatFormatError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+    elif "instruction" in record and "output" in record:
+        user = _text_field(record, "instruction")
+        if _text_field(record, "input"):
+            user += "\n\n" + record["input"]
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": _text_field(record, "output")}]  # fmt: skip
+    elif "prompt" in record and "response" in record:
+        messages = [{"role": "user", "content": _text_field(record, "prompt")},
+                    {"role": "assistant", "content": _text_field(record, "response")}]  # fmt: skip
+    else:
+        raise ChatFormatError(
+            f'no "messages" (nor "instruction" + "output", nor "prompt" + "response") among the '
+            f"keys {sorted(record)[:8]}"
+        )
+    messages = check_messages(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatFormatError("the conversation has no assistant turn: nothing to train on")
+    return messages
+
+
+def read_conversations(path: str | Path) -> Iterator[list[Message]]:
+    """Stream the conversations of a `.jsonl` chat file, one per non-blank line.
+
+    Every problem is a ChatFormatError of one line naming the file and line number: not UTF-8,
+    not JSON, not one of the three line forms (`conversation_from_record`), or a conversation the
+    format refuses (`check_messages`: unknown role, two user turns in a row, ...).
+    """
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        raise ChatFormatError(f"cannot read chat data {path}: {err.strerror or err}") from err
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise ChatFormatError(f"{where}: not UTF-8 text ({err.reason})") from err
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ChatFormatError(
+                    f"{where}: not valid JSON ({err.msg}, column {err.colno})"
+                ) from err
+            try:
+                yield conversation_from_record(record)
+            except ChatFormatError as err:
+                raise ChatFormatError(f"{where}: {err}") from err

@@ -132,7 +132,7 @@ def test_decode_kernel_refuses_segments():
 
 def test_segment_ids_of_the_wrong_shape_are_a_clear_error():
     q, k, v, _ = random_qkv(2, 1, 4, 4, 16)
-    with pytest.raises(ConfigError, match=r"segment ids must be an integer array \[B, S\]"):
+    with pytest.raises(InputError, match=r"segment ids must be an integer array \[B, S\]"):
         multi_head_attention(q, k, v, segment_ids_BS=jnp.zeros((2, 3), jnp.int32))
 
 

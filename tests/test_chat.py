@@ -3,6 +3,8 @@ growing GPT-2's vocabulary, and the Hugging Face export (tokenizer files + chat 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,6 +268,10 @@ def test_exported_chat_model_loads_in_transformers_and_back(exported_chat_model,
     np.testing.assert_array_equal(params2["wte"], params["wte"])
     tok = load_hf_tokenizer(directory)
     assert tok.n_vocab == 50262 and chat_tokens(tok) == chat_tokens(gpt2_tok)
+    # The CLI's MODEL argument reads the same tokenizer from the directory.
+    from jaxgpt.cli.common import load_model
+
+    assert chat_tokens(load_model(str(directory)).tokenizer) == chat_tokens(gpt2_tok)
 
 
 def test_character_tokenizers_are_not_exported_as_hugging_face_files(tmp_path, char_tok):
@@ -276,3 +282,104 @@ def test_character_tokenizers_are_not_exported_as_hugging_face_files(tmp_path, c
     with pytest.raises(CheckpointFormatError, match="only for GPT-2's BPE tokenizer"):
         save_hf(config, params, tmp_path / "out", char_tok)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+# --------------------------------------------------------------------------- chat data files
+
+
+def write_lines(path, lines: list[str]):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_read_conversations_accepts_the_three_line_forms(tmp_path):
+    from jaxgpt.chat import read_conversations
+
+    path = write_lines(
+        tmp_path / "chat.jsonl",
+        [
+            '{"messages": [{"role": "user", "content": "Hi"}, '
+            '{"role": "assistant", "content": "Hello"}]}',
+            "",  # blank lines are skipped
+            '{"instruction": "Add.", "input": "2 + 3", "output": "5"}',
+            '{"instruction": "Say hi.", "output": "hi"}',
+            '{"prompt": "1 + 1?", "response": "2", "id": 7}',
+        ],
+    )
+    user, assistant = "user", "assistant"
+    assert list(read_conversations(path)) == [
+        [{"role": user, "content": "Hi"}, {"role": assistant, "content": "Hello"}],
+        [{"role": user, "content": "Add.\n\n2 + 3"}, {"role": assistant, "content": "5"}],
+        [{"role": user, "content": "Say hi."}, {"role": assistant, "content": "hi"}],
+        [{"role": user, "content": "1 + 1?"}, {"role": assistant, "content": "2"}],
+    ]
+
+
+GOOD_LINE = '{"prompt": "a", "response": "b"}'
+BAD_LINES = {
+    "not json": ('{"messages": [', r"not valid JSON \("),
+    "not an object": ("[1, 2]", "expected a JSON object, got list"),
+    "no messages": ('{"text": "hello"}', r'no "messages" \(nor "instruction"'),
+    "empty messages": ('{"messages": []}', "non-empty list of messages"),
+    "unknown role": (
+        '{"messages": [{"role": "human", "content": "a"}]}',
+        "message 1 has unknown role 'human'",
+    ),
+    "no assistant turn": ('{"messages": [{"role": "user", "content": "a"}]}', "no assistant turn"),
+    "two user turns": (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+        "messages 1 and 2 are both user turns",
+    ),
+    "non-string output": ('{"instruction": "a", "output": 5}', '"output" must be a string'),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_chat_lines_name_file_and_line(tmp_path, case):
+    from jaxgpt.chat import read_conversations
+
+    line, problem = BAD_LINES[case]
+    path = write_lines(tmp_path / "bad.jsonl", [GOOD_LINE, "", line])
+    where = re.escape(f"{tmp_path / 'bad.jsonl'}:3: ")
+    with pytest.raises(ChatFormatError, match=rf"^{where}(.*){problem}") as err:
+        list(read_conversations(path))
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_chat_files_are_clear_errors(tmp_path):
+    from jaxgpt.chat import read_conversations
+
+    with pytest.raises(ChatFormatError, match="cannot read chat data .*missing.jsonl"):
+        list(read_conversations(tmp_path / "missing.jsonl"))
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD_LINE.encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ChatFormatError, match="latin1.jsonl:2: not UTF-8 text"):
+        list(read_conversations(path))
+
+
+def test_plain_gpt2_export_has_no_chat_template_and_tokenizes_like_tiktoken(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from jaxgpt.pretrained import load_hf_tokenizer, save_hf
+
+    config, params = small_gpt2()
+    tok = get_tokenizer("gpt2")
+    save_hf(config, params, tmp_path / "hf", tok)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.chat_template is None and hf.eos_token == "<|endoftext|>"
+    text = "Hello world!  It's 2026 —\tcafé <|end|>\n\n  done"
+    assert hf.encode(text) == tok.encode_ordinary(text)
+    assert load_hf_tokenizer(tmp_path / "hf").n_vocab == 50257
+
+
+def test_added_tokens_must_follow_gpt2s_vocabulary(tmp_path):
+    import json
+
+    from jaxgpt.errors import CheckpointFormatError
+    from jaxgpt.pretrained import load_hf_tokenizer
+
+    entry = {"content": "<|x|>", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"added_tokens_decoder": {"50300": entry}})
+    )
+    with pytest.raises(CheckpointFormatError, match="adds tokens at ids \\[50300\\]"):
+        load_hf_tokenizer(tmp_path)

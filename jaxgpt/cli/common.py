@@ -49,7 +49,9 @@ def load_model(spec: str, *, seed: int = 0, **overrides: Any) -> LoadedModel:
         if is_run_dir(path):
             config, params, tokenizer, description = load_run_for_inference(path, **overrides)
             return LoadedModel(config, params, tokenizer, description)
-    from jaxgpt.pretrained import load_hf
+    from jaxgpt.pretrained import load_hf, load_hf_tokenizer
 
     config, params = load_hf(spec, **overrides)
-    return LoadedModel(config, params, get_tokenizer("gpt2"), f"Hugging Face checkpoint {spec}")
+    # GPT-2's BPE plus the special tokens the directory adds (e.g. the chat tokens of an export).
+    tokenizer = load_hf_tokenizer(spec)
+    return LoadedModel(config, params, tokenizer, f"Hugging Face checkpoint {spec}")
