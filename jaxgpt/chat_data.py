@@ -1,13 +1,9 @@
 """Chat data sets: `.jsonl` conversations → token and mask files, and back as `Documents`.
 
-A chat data set is one or more `.jsonl` files, one conversation per line, in any of the common
-forms::
-
-    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
-    {"instruction": "...", "input": "...", "output": "..."}        (Alpaca; "input" may be empty)
-    {"prompt": "...", "response": "..."}
-
-or the generated arithmetic demo (`source="arithmetic"`, see `jaxgpt.arithmetic`).
+A chat data set is one or more `.jsonl` files, one conversation per line, in any of the forms
+`jaxgpt.chat.read_conversations` reads ({"messages": [...]}, {"instruction", "input", "output"},
+{"prompt", "response"}), or the generated arithmetic demo (`source="arithmetic"`, see
+`jaxgpt.arithmetic`).
 `prepare_chat` renders each conversation with `jaxgpt.chat.render_conversation` into token ids
 and the 0/1 mask of what the assistant says, assigns whole conversations to train or val by a
 seeded draw, and writes per split `<split>.bin` (tokens), `<split>.mask.bin` (uint8) and
@@ -29,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxgpt import arithmetic, chat
-from jaxgpt.errors import InputError, JaxgptError
+from jaxgpt.errors import InputError
 from jaxgpt.packing import Documents, trained_fraction
 from jaxgpt.tokenizer import (
     CharTokenizer,
@@ -43,9 +39,6 @@ META_VERSION = 1
 FORMAT = "chat"
 ARITHMETIC = "arithmetic"  # data.source: the generated arithmetic demo
 ARITHMETIC_CONVERSATIONS = 20_000
-
-Messages = list[dict[str, str]]
-
 
 # --------------------------------------------------------------------------- reading
 
@@ -66,60 +59,13 @@ def chat_files(source: str | Path) -> list[Path]:
     )
 
 
-def messages_of(record: Any, where: str) -> Messages:
-    """A conversation from one parsed JSON line in any of the accepted forms."""
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise InputError(f"{where}: 'messages' must be a non-empty list of messages")
-        return messages
-    if "instruction" in record and "output" in record:
-        prompt = str(record["instruction"])
-        if record.get("input"):
-            prompt += "\n\n" + str(record["input"])
-        return [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": str(record["output"])}]  # fmt: skip
-    if "prompt" in record and "response" in record:
-        return [{"role": "user", "content": str(record["prompt"])},
-                {"role": "assistant", "content": str(record["response"])}]  # fmt: skip
-    raise InputError(
-        f"{where}: no conversation found; expected 'messages', 'instruction'/'output' or "
-        f"'prompt'/'response' (keys: {sorted(record)[:8]})"
-    )
-
-
-def read_conversations(files: list[Path]) -> Iterator[tuple[str, Messages]]:
-    """(where, messages) for every line of the files; `where` is "file:line" for errors."""
-    for path in files:
-        try:
-            handle = path.open(encoding="utf-8")
-        except OSError as err:
-            raise InputError(f"cannot read chat data {path}: {err.strerror or err}") from err
-        with handle:
-            try:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{number}"
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise InputError(f"{where}: not valid JSON ({err.msg})") from None
-                    yield where, messages_of(record, where)
-            except UnicodeDecodeError as err:
-                raise InputError(f"{path}: not UTF-8 text ({err.reason})") from None
-
-
-def source_conversations(source: str) -> Iterator[tuple[str, Messages]]:
+def source_conversations(source: str) -> Iterator[list[dict[str, str]]]:
+    """The conversations of a chat data set (validated by `jaxgpt.chat.read_conversations`)."""
     if source == ARITHMETIC:
-        for i, messages in enumerate(
-            arithmetic.training_conversations(ARITHMETIC_CONVERSATIONS, seed=0)
-        ):
-            yield f"arithmetic:{i}", messages
+        yield from arithmetic.training_conversations(ARITHMETIC_CONVERSATIONS, seed=0)
         return
-    yield from read_conversations(chat_files(source))
+    for path in chat_files(source):
+        yield from chat.read_conversations(path)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -173,7 +119,7 @@ def _chat_tokenizer(source: str, name: str) -> Tokenizer:
     if name != "char":
         raise InputError(f"tokenizer must be 'char' or 'gpt2', got {name!r}")
     chars: set[str] = set()
-    for _, messages in source_conversations(source):
+    for messages in source_conversations(source):
         for message in messages:
             chars.update(str(message.get("content", "")))
     if not chars:
@@ -192,13 +138,11 @@ def _render_splits(
     handles = {s: (out / f"{s}.bin").open("wb") for s in splits}
     masks = {s: (out / f"{s}.mask.bin").open("wb") for s in splits}
     try:
-        for i, (where, messages) in enumerate(
-            tqdm(source_conversations(source), desc="rendering", unit=" conv", disable=not progress)
+        conversations = source_conversations(source)
+        for i, messages in enumerate(
+            tqdm(conversations, desc="rendering", unit=" conv", disable=not progress)
         ):
-            try:
-                ids, mask = chat.render_conversation(messages, tok)
-            except JaxgptError as err:
-                raise InputError(f"{where}: {err}") from None
+            ids, mask = chat.render_conversation(messages, tok)
             draw = rng.random()  # drawn for every conversation: the split depends on the seed only
             split = (
                 "train"

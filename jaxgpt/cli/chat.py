@@ -133,8 +133,6 @@ def format_stats(stats) -> str:
 
 def read_input(path: Path, system: str | None) -> list[dict]:
     """The input lines as dicts with a "messages" list ending in a user turn (checked)."""
-    from jaxgpt.chat_data import messages_of
-
     rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -148,11 +146,18 @@ def read_input(path: Path, system: str | None) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: not valid JSON ({err.msg}); expected JSONL") from None
-        if isinstance(record, dict) and "prompt" in record and "response" not in record:
-            messages = [{"role": "user", "content": str(record["prompt"])}]  # a bare question
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]  # a bare question
+        elif isinstance(record, dict) and "messages" in record:
+            messages = record["messages"]
         else:
-            messages = messages_of(record, where)
-        if system and messages[0].get("role") != "system":
+            raise InputError(f'{where}: expected {{"messages": [...]}} or {{"prompt": "..."}}')
+        if (
+            system
+            and isinstance(messages, list)
+            and messages
+            and messages[0].get("role") != "system"
+        ):
             messages = [{"role": "system", "content": system}, *messages]
         try:
             chat.check_messages(messages)
