@@ -152,17 +152,12 @@ def read_input(path: Path, system: str | None) -> list[dict]:
             messages = record["messages"]
         else:
             raise InputError(f'{where}: expected {{"messages": [...]}} or {{"prompt": "..."}}')
-        if (
-            system
-            and isinstance(messages, list)
-            and messages
-            and messages[0].get("role") != "system"
-        ):
-            messages = [{"role": "system", "content": system}, *messages]
         try:
-            chat.check_messages(messages)
+            messages = chat.check_messages(messages)
         except JaxgptError as err:
             raise InputError(f"{where}: {err}") from None
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
         if messages[-1]["role"] != "user":
             raise InputError(f"{where}: the conversation must end with a user turn to answer")
         rows.append({**(record if isinstance(record, dict) else {}), "messages": messages})
