@@ -5,7 +5,7 @@ phrasings, sometimes several questions in one conversation); the assistant answe
 worked line (column addition) that ends with the sum::
 
     user:      What is 45 + 38?
-    assistant: 5+8=13 4+3+1=8 so 83
+    assistant: 45+38: 5+8=13 4+3+1=8 so 83
 
 The task is learnable by a small model on a 2-core CPU and checkable by a program, so how well a
 stage (SFT, a reward model, PPO, DPO) works is a number: exact-match accuracy of the last integer
@@ -53,13 +53,15 @@ def is_held_out(a: int, b: int) -> bool:
 def answer(a: int, b: int) -> str:
     """The assistant's reply: column addition worked in one line, ending with the sum.
 
-    45 + 38 → "5+8=13 4+3+1=8 so 83": the ones, then the tens with the carry, then the result.
-    Every step is a one-digit sum the model sees in training whatever the held-out pairs are,
-    so the scratchpad lets it generalise to them.
+    45 + 38 → "45+38: 5+8=13 4+3+1=8 so 83": the operands copied, the ones, the tens with the
+    carry, then the result. Every step is a one-digit sum the model sees in training whatever
+    the held-out pairs are, so the scratchpad lets it generalise to them; copying the operands
+    first puts the digits it needs next to where it adds them.
     """
     ones = a % 10 + b % 10
     tens = a // 10 + b // 10 + ones // 10
-    return f"{a % 10}+{b % 10}={ones} {a // 10}+{b // 10}+{ones // 10}={tens} so {a + b}"
+    steps = f"{a % 10}+{b % 10}={ones} {a // 10}+{b // 10}+{ones // 10}={tens}"
+    return f"{a}+{b}: {steps} so {a + b}"
 
 
 def question(a: int, b: int, phrasing: int = 0) -> str:

@@ -71,7 +71,7 @@ def test_write_jsonl_refuses_held_out_training_data(tmp_path):
 
 
 def test_answer_is_column_addition_worked_by_hand():
-    assert ar.answer(45, 38) == "5+8=13 4+3+1=8 so 83"
-    assert ar.answer(12, 34) == "2+4=6 1+3+0=4 so 46"
-    assert ar.answer(99, 99) == "9+9=18 9+9+1=19 so 198"
+    assert ar.answer(45, 38) == "45+38: 5+8=13 4+3+1=8 so 83"
+    assert ar.answer(12, 34) == "12+34: 2+4=6 1+3+0=4 so 46"
+    assert ar.answer(99, 99) == "99+99: 9+9=18 9+9+1=19 so 198"
     assert all(ar.verify(ar.answer(a, b), a, b) for a in range(100) for b in range(0, 100, 7))
