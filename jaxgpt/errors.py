@@ -22,3 +22,7 @@ class CheckpointFormatError(JaxgptError):
 
 class TokenizerError(JaxgptError):
     """A tokenizer could not be built or could not encode the given text."""
+
+
+class MissingExtraError(JaxgptError):
+    """An optional dependency is not installed; the message names the extra that provides it."""

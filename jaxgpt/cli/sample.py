@@ -51,9 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is not None:
         try:
-            return args.prompt_file.read_text()
+            return args.prompt_file.read_text(encoding="utf-8")
         except OSError as err:
             raise InputError(f"cannot read --prompt-file {args.prompt_file}: {err}") from err
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}: "
+                f"{err.reason}); save it as UTF-8"
+            ) from err
     return ENDOFTEXT if args.prompt is None else args.prompt
 
 
