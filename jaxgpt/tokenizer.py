@@ -71,6 +71,25 @@ def _byte_decoder() -> dict[str, int]:
     return table
 
 
+def check_ids(tokens: Sequence[int], n_vocab: int) -> list[int]:
+    """`tokens` as a list of ints; TokenizerError for an id outside `[0, n_vocab)`."""
+    ids = [int(t) for t in tokens]
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise TokenizerError(
+            f"token id {bad[0]} is outside this tokenizer's vocabulary [0, {n_vocab - 1}]"
+        )
+    return ids
+
+
+class _GPT2Encoding(tiktoken.Encoding):
+    """tiktoken's Encoding whose `decode` refuses ids outside the vocabulary with a clear error
+    (tiktoken raises a KeyError or OverflowError)."""
+
+    def decode(self, tokens: Sequence[int], errors: str = "replace") -> str:
+        return super().decode(check_ids(tokens, self.n_vocab), errors=errors)
+
+
 def _read_checked(name: str) -> bytes:
     data = (resources.files("jaxgpt") / "assets" / "gpt2-bpe" / name).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -99,7 +118,7 @@ def _gpt2_encoding() -> tiktoken.Encoding:
         merged = bytes(to_byte[ch] for ch in left + right)
         if ranks.get(merged) != 256 + i:
             raise TokenizerError(f"vocab.bpe merge {i} ({merge!r}) disagrees with encoder.json")
-    return tiktoken.Encoding(
+    return _GPT2Encoding(
         name="gpt2",
         pat_str=_GPT2_PATTERN,
         mergeable_ranks=ranks,
@@ -139,7 +158,7 @@ class CharTokenizer:
         return [self._index[ch] for ch in text]
 
     def decode(self, tokens: Sequence[int]) -> str:
-        return "".join(self.chars[int(t)] for t in tokens)
+        return "".join(self.chars[t] for t in check_ids(tokens, self.n_vocab))
 
     def to_json(self) -> dict:
         return {"type": "char", "chars": "".join(self.chars)}
