@@ -41,6 +41,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+def check_output_dir(path: Path, what: str) -> None:
+    """InputError unless `path` is a directory or can be created (no file in its way)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} {path}: {existing} is a file, not a directory")
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the loss curve of `run_dir` to `out` (default `run_dir/loss.png`); return its path."""
     import matplotlib
