@@ -95,6 +95,8 @@ CASES = [
          ("run_notjson",)),
     case("sample-experiment-unknown-key", "sample --model {w}/run_unknownkey",
          "unknown experiment key optim.'lrr'", ("run_unknownkey",)),
+    case("sample-checkpoint-cut-short", "sample --model {w}/run_truncated", "checkpoint",
+         ("run_truncated",)),
     case("sample-preset-vocab", "sample --model tiny", "vocab_size 512"),
     case("sample-temperature-nan", "sample --model {w}/run --temperature nan",
          "finite number", RUN),
@@ -149,6 +151,10 @@ def _build_world(w: Path, corpus: Path) -> None:
             d["optim"]["lrr"] = 1.0
             change = json.dumps(d)
         path.write_text(change)
+    shutil.copytree(w / "run", w / "run_truncated")  # every checkpoint array file cut in half
+    for path in (w / "run_truncated" / "checkpoints").rglob("*"):
+        if path.is_file() and path.stat().st_size > 1024:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     config = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
     save_hf(config, init_params(config, jax.random.key(0)), w / "hf")
