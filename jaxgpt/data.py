@@ -115,14 +115,15 @@ def check_utf8(files: list[Path], errors: str) -> int:
 
 def _read_pieces(
     files: list[Path], chunk: int, bar: tqdm | None, errors: str = "strict"
-) -> Iterator[str]:
-    """The corpus as consecutive pieces of whole lines, about `chunk` characters each.
+) -> Iterator[tuple[int, str]]:
+    """The corpus as consecutive (file index, piece) pairs: pieces of whole lines of one file,
+    about `chunk` characters each.
 
     Pieces end at line ends (so BPE never sees a word cut in two) and every file ends with a
     newline, so documents never run into each other. `errors` is the decoding error handler
     ("strict" or "replace"; `check_utf8` has told the user what "replace" changes).
     """
-    for path in files:
+    for index, path in enumerate(files):
         try:
             handle = path.open(encoding="utf-8", errors=errors, newline="")
         except OSError as err:
@@ -134,10 +135,10 @@ def _read_pieces(
                 lines.append(line)
                 size += len(line)
                 if size >= chunk:
-                    yield _flush(lines, bar)
+                    yield index, _flush(lines, bar)
                     lines, size = [], 0
             if lines:
-                yield _flush(lines, bar, end_of_file=True)
+                yield index, _flush(lines, bar, end_of_file=True)
 
 
 def _flush(lines: list[str], bar: tqdm | None, end_of_file: bool = False) -> str:
@@ -223,7 +224,7 @@ def prepare(
     if tokenizer == "char":
         chars: set[str] = set()
         with bar("scanning characters") as b:
-            for piece in _read_pieces(files, split_chunk, b, errors):
+            for _, piece in _read_pieces(files, split_chunk, b, errors):
                 chars.update(piece)
         if not chars - {"\n"}:
             raise InputError(f"corpus {str(source)!r} is empty")
@@ -237,11 +238,11 @@ def prepare(
     names = ("train.bin", "val.bin", "meta.json")
     tmp = {name: out / f".{name}.tmp-{os.getpid()}" for name in names}
     try:
-        counts, pieces = _write_splits(
+        counts, pieces, val_pieces_per_file = _write_splits(
             files, encode, dtype, tmp, split_chunk, split_seed, val_fraction, errors, bar
         )
         if pieces["val"] == 0:
-            n_chars = sum(len(p) for p in _read_pieces(files, split_chunk, None, errors))
+            n_chars = sum(len(p) for _, p in _read_pieces(files, split_chunk, None, errors))
             raise InputError(
                 f"corpus {str(source)!r} ({n_chars:,} characters) is a single split piece of "
                 f"split_chunk={split_chunk} characters, so the validation split would be empty; "
@@ -260,7 +261,8 @@ def prepare(
             "val_pieces": pieces["val"],
             "source": str(source),
             "files": [
-                {"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files
+                {"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f), "val_pieces": n}
+                for f, n in zip(files, val_pieces_per_file)
             ],
             "val_fraction": val_fraction,
             "split_seed": split_seed,
@@ -290,18 +292,22 @@ def _write_splits(
     val_fraction: float,
     errors: str,
     bar: Any,
-) -> tuple[dict[str, int], dict[str, int]]:
-    """Tokenise the pieces into the temporary train/val files; (tokens, pieces) per split."""
+) -> tuple[dict[str, int], dict[str, int], list[int]]:
+    """Tokenise the pieces into the temporary train/val files.
+
+    Returns (tokens per split, pieces per split, val pieces per file).
+    """
     rng = np.random.default_rng(split_seed)
     counts = {"train": 0, "val": 0}
     pieces = {"train": 0, "val": 0}
+    val_per_file = [0] * len(files)
     with (
         tmp["train.bin"].open("wb") as f_train,
         tmp["val.bin"].open("wb") as f_val,
         bar("tokenizing") as b,
     ):
         handles = {"train": f_train, "val": f_val}
-        for i, piece in enumerate(_read_pieces(files, split_chunk, b, errors)):
+        for i, (file_index, piece) in enumerate(_read_pieces(files, split_chunk, b, errors)):
             ids = encode(piece)
             # The first piece always trains, the second always validates: neither split is empty.
             split = "train" if i == 0 else "val" if i == 1 else None
@@ -310,7 +316,8 @@ def _write_splits(
             np.asarray(ids, dtype=dtype).tofile(handles[split])
             counts[split] += len(ids)
             pieces[split] += 1
-    return counts, pieces
+            val_per_file[file_index] += split == "val"
+    return counts, pieces, val_per_file
 
 
 def split_settings(meta: dict[str, Any]) -> dict[str, Any]:
