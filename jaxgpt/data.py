@@ -13,8 +13,12 @@ checkpoint, so a resumed run sees exactly the batches the uninterrupted run woul
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import itertools
 import json
+import os
+import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -27,6 +31,7 @@ from jaxgpt.errors import InputError
 from jaxgpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
 META_VERSION = 1
+ENCODING_ERRORS = ("strict", "replace")  # how a corpus that is not valid UTF-8 is read
 BUNDLED = "shakespeare"
 PREPARED = "prepared"  # data.source meaning "use the prepared token files as they are"
 
@@ -59,15 +64,68 @@ def corpus_files(source: str | Path) -> list[Path]:
     return files
 
 
-def _read_pieces(files: list[Path], chunk: int, bar: tqdm | None) -> Iterator[str]:
-    """The corpus as consecutive pieces of whole lines, about `chunk` characters each.
+def invalid_utf8(path: Path) -> tuple[int, int | None]:
+    """(number of invalid UTF-8 sequences in the file, byte offset of the first, or None).
 
-    Pieces end at line ends (so BPE never sees a word cut in two) and every file ends with a
-    newline, so documents never run into each other.
+    Streams the file; each invalid sequence is what `errors="replace"` turns into one U+FFFD.
     """
+    count, first = 0, None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed = 0  # file offset of the next byte given to the decoder
+    with path.open("rb") as handle:
+        blocks = iter(lambda: handle.read(1 << 20), b"")
+        for data, final in itertools.chain(((b, False) for b in blocks), [(b"", True)]):
+            while True:
+                pending = len(decoder.getstate()[0])  # bytes of a sequence cut by the last block
+                try:
+                    decoder.decode(data, final=final)
+                    fed += len(data)
+                    break
+                except UnicodeDecodeError as err:  # err.object is the pending bytes + data
+                    count += 1
+                    first = fed - pending + err.start if first is None else first
+                    fed = fed - pending + err.end
+                    data = err.object[err.end :]
+                    decoder.reset()
+    return count, first
+
+
+def check_utf8(files: list[Path], errors: str) -> int:
+    """Refuse a corpus that is not valid UTF-8 (errors="strict"), or count what "replace" changes.
+
+    Returns the number of invalid byte sequences that reading with `errors` replaces by U+FFFD.
+    """
+    if errors not in ENCODING_ERRORS:
+        raise InputError(f"errors must be one of {ENCODING_ERRORS}, got {errors!r}")
+    total = 0
     for path in files:
         try:
-            handle = path.open(encoding="utf-8", errors="replace", newline="")
+            count, first = invalid_utf8(path)
+        except OSError as err:
+            raise InputError(f"cannot read corpus file {path}: {err}") from err
+        if count and errors == "strict":
+            raise InputError(
+                f"corpus file {path} is not valid UTF-8: {count} invalid byte sequence(s), the "
+                f"first at byte offset {first}; convert it to UTF-8, or pass --errors replace "
+                f"(data.errors=replace) to replace them with U+FFFD"
+            )
+        total += count
+    return total
+
+
+def _read_pieces(
+    files: list[Path], chunk: int, bar: tqdm | None, errors: str = "strict"
+) -> Iterator[tuple[int, str]]:
+    """The corpus as consecutive (file index, piece) pairs: pieces of whole lines of one file,
+    about `chunk` characters each.
+
+    Pieces end at line ends (so BPE never sees a word cut in two) and every file ends with a
+    newline, so documents never run into each other. `errors` is the decoding error handler
+    ("strict" or "replace"; `check_utf8` has told the user what "replace" changes).
+    """
+    for index, path in enumerate(files):
+        try:
+            handle = path.open(encoding="utf-8", errors=errors, newline="")
         except OSError as err:
             raise InputError(f"cannot read corpus file {path}: {err}") from err
         with handle:
@@ -77,10 +135,10 @@ def _read_pieces(files: list[Path], chunk: int, bar: tqdm | None) -> Iterator[st
                 lines.append(line)
                 size += len(line)
                 if size >= chunk:
-                    yield _flush(lines, bar)
+                    yield index, _flush(lines, bar)
                     lines, size = [], 0
             if lines:
-                yield _flush(lines, bar, end_of_file=True)
+                yield index, _flush(lines, bar, end_of_file=True)
 
 
 def _flush(lines: list[str], bar: tqdm | None, end_of_file: bool = False) -> str:
@@ -120,22 +178,42 @@ def prepare(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     split_chunk: int = 8192,
+    errors: str = "strict",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenise a corpus into `out_dir/train.bin`, `val.bin` and `meta.json`; return the meta.
 
     Memory stays bounded by one piece of `split_chunk` characters (plus, for "char", the set of
     distinct characters, found in a first streaming pass).
+
+    A corpus that is not valid UTF-8 is an error naming the file and byte offset, unless
+    `errors="replace"`: then invalid bytes become U+FFFD and a warning gives their count.
+
+    The files are written under temporary names and renamed into place only when all three are
+    complete, `meta.json` last (the old one is removed first): an interrupted or failed prepare
+    leaves the previous prepared data as it was, and a directory with a `meta.json` is never
+    half-written.
     """
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if tokenizer not in ("char", "gpt2"):
+        raise InputError(f"tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
     files = corpus_files(source)
+    replaced = check_utf8(files, errors)
+    if replaced:
+        print(
+            f"warning: {replaced} invalid UTF-8 byte sequence(s) in {str(source)!r} replaced "
+            f"by U+FFFD (errors='replace')",
+            file=sys.stderr,
+        )
     total_bytes = sum(f.stat().st_size for f in files)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"cannot create the data directory {out}: {err}") from err
+    if not out.is_dir():
+        raise InputError(f"cannot create the data directory {out}: it is a file")
 
     def bar(desc: str) -> tqdm:
         return tqdm(
@@ -146,30 +224,90 @@ def prepare(
     if tokenizer == "char":
         chars: set[str] = set()
         with bar("scanning characters") as b:
-            for piece in _read_pieces(files, split_chunk, b):
+            for _, piece in _read_pieces(files, split_chunk, b, errors):
                 chars.update(piece)
         if not chars - {"\n"}:
             raise InputError(f"corpus {str(source)!r} is empty")
         tok: Tokenizer = CharTokenizer(chars)
         encode = tok.encode
-    elif tokenizer == "gpt2":
+    else:
         tok = get_tokenizer("gpt2")
         encode = lambda text: tok.encode_ordinary(text)
-    else:
-        raise InputError(f"tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
     dtype = token_dtype(tok.n_vocab)
 
+    names = ("train.bin", "val.bin", "meta.json")
+    tmp = {name: out / f".{name}.tmp-{os.getpid()}" for name in names}
+    try:
+        counts, pieces, val_pieces_per_file = _write_splits(
+            files, encode, dtype, tmp, split_chunk, split_seed, val_fraction, errors, bar
+        )
+        if pieces["val"] == 0:
+            n_chars = sum(len(p) for _, p in _read_pieces(files, split_chunk, None, errors))
+            raise InputError(
+                f"corpus {str(source)!r} ({n_chars:,} characters) is a single split piece of "
+                f"split_chunk={split_chunk} characters, so the validation split would be empty; "
+                f"use a smaller split_chunk (at most {max(1, n_chars // 10)}: "
+                f"--split-chunk / data.split_chunk) or a larger corpus"
+            )
+        meta = {
+            "version": META_VERSION,
+            "tokenizer": tokenizer,
+            "vocab_size": tok.n_vocab,
+            "chars": "".join(tok.chars) if tokenizer == "char" else None,
+            "dtype": dtype.name,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "train_pieces": pieces["train"],
+            "val_pieces": pieces["val"],
+            "source": str(source),
+            "files": [
+                {"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f), "val_pieces": n}
+                for f, n in zip(files, val_pieces_per_file)
+            ],
+            "val_fraction": val_fraction,
+            "split_seed": split_seed,
+            "split_chunk": split_chunk,
+            "replaced_invalid_utf8": replaced,
+        }
+        tmp["meta.json"].write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        # Commit: without meta.json the directory is "not prepared"; it comes back last.
+        (out / "meta.json").unlink(missing_ok=True)
+        for name in names:
+            tmp[name].replace(out / name)
+    except OSError as err:
+        raise InputError(f"cannot write the prepared data to {out}: {err}") from err
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    return meta
+
+
+def _write_splits(
+    files: list[Path],
+    encode: Any,
+    dtype: np.dtype,
+    tmp: dict[str, Path],
+    split_chunk: int,
+    split_seed: int,
+    val_fraction: float,
+    errors: str,
+    bar: Any,
+) -> tuple[dict[str, int], dict[str, int], list[int]]:
+    """Tokenise the pieces into the temporary train/val files.
+
+    Returns (tokens per split, pieces per split, val pieces per file).
+    """
     rng = np.random.default_rng(split_seed)
     counts = {"train": 0, "val": 0}
     pieces = {"train": 0, "val": 0}
-    tmp = {split: out / f"{split}.bin.tmp" for split in counts}
+    val_per_file = [0] * len(files)
     with (
-        tmp["train"].open("wb") as f_train,
-        tmp["val"].open("wb") as f_val,
+        tmp["train.bin"].open("wb") as f_train,
+        tmp["val.bin"].open("wb") as f_val,
         bar("tokenizing") as b,
     ):
         handles = {"train": f_train, "val": f_val}
-        for i, piece in enumerate(_read_pieces(files, split_chunk, b)):
+        for i, (file_index, piece) in enumerate(_read_pieces(files, split_chunk, b, errors)):
             ids = encode(piece)
             # The first piece always trains, the second always validates: neither split is empty.
             split = "train" if i == 0 else "val" if i == 1 else None
@@ -178,27 +316,8 @@ def prepare(
             np.asarray(ids, dtype=dtype).tofile(handles[split])
             counts[split] += len(ids)
             pieces[split] += 1
-    for split in counts:
-        tmp[split].replace(out / f"{split}.bin")
-
-    meta = {
-        "version": META_VERSION,
-        "tokenizer": tokenizer,
-        "vocab_size": tok.n_vocab,
-        "chars": "".join(tok.chars) if tokenizer == "char" else None,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "train_pieces": pieces["train"],
-        "val_pieces": pieces["val"],
-        "source": str(source),
-        "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files],
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "split_chunk": split_chunk,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    return meta
+            val_per_file[file_index] += split == "val"
+    return counts, pieces, val_per_file
 
 
 def split_settings(meta: dict[str, Any]) -> dict[str, Any]:
@@ -233,6 +352,12 @@ def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     if not path.is_file():
         raise InputError(f"{path} is missing; run `jaxgpt prepare` again")
     dtype = np.dtype(meta["dtype"])
+    expected = meta.get(f"{split}_tokens")
+    if expected is not None and path.stat().st_size != expected * dtype.itemsize:
+        raise InputError(
+            f"{path} holds {path.stat().st_size // dtype.itemsize:,} tokens but meta.json says "
+            f"{expected:,}: the prepared data is inconsistent; run `jaxgpt prepare` again"
+        )
     if path.stat().st_size == 0:  # numpy cannot map an empty file
         return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r")
@@ -246,7 +371,13 @@ def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:
         raise InputError(
             f"the {split} split has {len(tokens)} tokens, fewer than one block of "
             f"block_size + 1 = {block_size + 1}; use a larger corpus, a smaller model.block_size"
-            + (", or a larger data.val_fraction" if split == "val" else "")
+            + (
+                # val is made of whole pieces of split_chunk characters: smaller pieces give a
+                # corpus more of them; a larger val_fraction helps only if there are several.
+                ", a smaller data.split_chunk or a larger data.val_fraction"
+                if split == "val"
+                else ""
+            )
         )
 
 

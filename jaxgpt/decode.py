@@ -133,6 +133,45 @@ def _check_prompts(prompts: list[np.ndarray], config: GPTConfig) -> None:
             )
 
 
+def check_request(
+    config: GPTConfig,
+    prompt_tokens: Any,
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> tuple[list[np.ndarray], str, int]:
+    """What `generate` checks before any work: InputError for a request no model call can serve.
+
+    Returns (prompts, their input form, max_new_tokens as an int); callers that print before
+    generating (the CLI) call it first, so an error is the only thing they print.
+    """
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and not 0 <= int(value) < config.vocab_size:
+            raise InputError(
+                f"{name} {value} is outside the vocabulary [0, {config.vocab_size - 1}]"
+            )
+    prompts, kind = _as_prompts(prompt_tokens)
+    _check_prompts(prompts, config)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.block_size:
+        room = config.block_size - max_new_tokens
+        raise InputError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+            f"{longest + max_new_tokens} exceeds the model's block_size {config.block_size}; "
+            + (
+                f"keep only the last {room} prompt tokens or ask for at most "
+                f"{config.block_size - longest} new tokens"
+                if room >= 1
+                else f"max_new_tokens must be at most {config.block_size - 1}"
+            )
+        )
+    return prompts, kind, max_new_tokens
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Ragged prompts → (tokens_BT left-padded with `pad_id`, kv_start_B = first real slot)."""
     T = max(len(p) for p in prompts)
@@ -187,29 +226,9 @@ def generate(
     """
     if sampler is None:
         sampler = make_sampler(temperature, top_k, top_p)
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    max_new_tokens = int(max_new_tokens)
-    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
-        if value is not None and not 0 <= int(value) < config.vocab_size:
-            raise InputError(
-                f"{name} {value} is outside the vocabulary [0, {config.vocab_size - 1}]"
-            )
-    prompts, kind = _as_prompts(prompt_tokens)
-    _check_prompts(prompts, config)
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.block_size:
-        room = config.block_size - max_new_tokens
-        raise InputError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
-            f"{longest + max_new_tokens} exceeds the model's block_size {config.block_size}; "
-            + (
-                f"keep only the last {room} prompt tokens or ask for at most "
-                f"{config.block_size - longest} new tokens"
-                if room >= 1
-                else f"max_new_tokens must be at most {config.block_size - 1}"
-            )
-        )
+    prompts, kind, max_new_tokens = check_request(
+        config, prompt_tokens, max_new_tokens, eos_id=eos_id, pad_id=pad_id
+    )
     check_params(params, config)
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0

@@ -26,3 +26,7 @@ class TokenizerError(JaxgptError):
 
 class ChatFormatError(JaxgptError):
     """A conversation (or chat data file) is not in the chat format; the message says where."""
+
+
+class MissingExtraError(JaxgptError):
+    """An optional dependency is not installed; the message names the extra that provides it."""

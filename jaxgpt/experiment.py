@@ -20,12 +20,14 @@ import dataclasses
 import difflib
 import importlib.resources
 import importlib.util
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from jaxgpt.config import ATTENTION_BACKENDS, GPTConfig
+from jaxgpt.data import ENCODING_ERRORS
 from jaxgpt.errors import ConfigError
 from jaxgpt.sharding import parse_mesh
 
@@ -63,6 +65,8 @@ class DataSection:
       split_chunk: size in characters of the pieces assigned to train or val.
       batch_size: sequences per micro-batch (B); the global batch is B · optim.grad_accum.
       seed: seed of the batch sampler (which windows each step sees).
+      errors: "strict" (a corpus that is not valid UTF-8 is an error naming file and byte
+        offset) or "replace" (invalid bytes become U+FFFD, with a warning giving their count).
     """
 
     dataset: str = "shakespeare_char"
@@ -74,6 +78,7 @@ class DataSection:
     split_chunk: int = 8192
     batch_size: int = 32
     seed: int = 0
+    errors: str = "strict"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +156,32 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Experiment:
+        """Build from `to_dict()` output (e.g. a run's experiment.json).
+
+        Missing keys take their defaults; an unknown key or a section that is not a dict is a
+        ConfigError naming it (values are type-checked only by `validate`).
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"an experiment must be a JSON object, got {type(d).__name__}")
+        types_ = _section_types()
+        unknown = sorted(set(d) - {"name", *types_})
+        if unknown:
+            raise ConfigError(
+                f"unknown experiment key {unknown[0]!r}; expected 'name' or a section of "
+                f"{sorted(types_)}"
+            )
         sections = {}
-        for field in dataclasses.fields(cls):
-            if field.name == "name":
-                continue
-            section_cls = _section_types()[field.name]
-            sections[field.name] = section_cls(**d.get(field.name, {}))
+        for name, section_cls in types_.items():
+            values = d.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"experiment section {name!r} must be an object, got {values!r}")
+            fields = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = sorted(set(values) - fields)
+            if unknown:
+                hint = difflib.get_close_matches(unknown[0], fields, n=1)
+                suggestion = f"; did you mean {name}.{hint[0]}?" if hint else ""
+                raise ConfigError(f"unknown experiment key {name}.{unknown[0]!r}{suggestion}")
+            sections[name] = section_cls(**values)
         return cls(name=d.get("name", "experiment"), **sections)
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
@@ -188,6 +213,11 @@ def _positive(section: str, obj: Any, *names: str) -> None:
 def validate(exp: Experiment) -> None:
     """Raise ConfigError for values no run could use (types are checked by `apply_overrides`)."""
     _positive("model", exp.model, "n_layer", "n_head", "n_embd", "block_size")
+    if exp.model.n_embd % exp.model.n_head:
+        raise ConfigError(
+            f"model.n_embd ({exp.model.n_embd}) must be divisible by model.n_head "
+            f"({exp.model.n_head}): each head gets n_embd / n_head dimensions"
+        )
     _positive("data", exp.data, "batch_size", "split_chunk")
     _positive("optim", exp.optim, "grad_accum")
     _positive("schedule", exp.schedule, "max_steps")
@@ -217,6 +247,22 @@ def validate(exp: Experiment) -> None:
         )
     if not 0.0 <= exp.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {exp.model.dropout!r}")
+    if exp.data.errors not in ENCODING_ERRORS:
+        raise ConfigError(f"data.errors must be one of {ENCODING_ERRORS}, got {exp.data.errors!r}")
+    _validate_eval_sampling(exp.eval)
+
+
+def _validate_eval_sampling(ev: EvalSection) -> None:
+    """The final sample's settings, checked now rather than after the whole run."""
+    t = ev.temperature
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 <= t < math.inf:
+        raise ConfigError(f"eval.temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+    if not isinstance(ev.top_k, int) or isinstance(ev.top_k, bool) or ev.top_k < 0:
+        raise ConfigError(f"eval.top_k must be an integer >= 0 (0 = no filter), got {ev.top_k!r}")
+    if not isinstance(ev.sample_tokens, int) or ev.sample_tokens < 0:
+        raise ConfigError(
+            f"eval.sample_tokens must be an integer >= 0 (0 = no sample), got {ev.sample_tokens!r}"
+        )
 
 
 # --------------------------------------------------------------------------- overrides

@@ -382,7 +382,12 @@ def forward_cached(
     so its positions are `slot - kv_start_B[b]`. Returns logits_BTV and the updated cache; with
     `last_only=True` only the last position's logits (`[B, 1, V]`), which is all a prefill needs
     (the full `[B, T, V]` projection would cost T times the vocabulary matmul).
+
+    Checked before tracing (so also under `jit`): the tokens' rank and dtype, the cache's layout,
+    T against the cache length and, when concrete, the token ids and `q_offset + T <= S`
+    (`dynamic_update_slice` would otherwise clamp the write and corrupt the cache silently).
     """
+    check_cache_call(tokens_BT, config, cache, q_offset, kv_start_B)
     T = tokens_BT.shape[1]
     slots_T = q_offset + jnp.arange(T)
     positions_BT = jnp.maximum(slots_T[None, :] - kv_start_B[:, None], 0)
@@ -396,6 +401,43 @@ def forward_cached(
     if last_only:
         x_BTD = x_BTD[:, -1:]
     return unembed(params, x_BTD, config), new_cache
+
+
+def check_cache_call(
+    tokens_BT: Any, config: GPTConfig, cache: KVCache, q_offset: Any, kv_start_B: Any
+) -> None:
+    """InputError for a `forward_cached` call whose shapes or (concrete) values cannot work."""
+    if not isinstance(cache, (list, tuple)) or len(cache) != config.n_layer:
+        n = len(cache) if isinstance(cache, (list, tuple)) else type(cache).__name__
+        raise InputError(f"cache must hold one (k, v) pair per layer ({config.n_layer}), got {n}")
+    S = jnp.shape(cache[0][0])[2] if jnp.ndim(cache[0][0]) == 4 else 0
+    check_tokens(tokens_BT, config, max_len=S)
+    B = tokens_BT.shape[0]
+    want = (B, config.n_head, S, config.head_dim)
+    for layer_cache in cache:
+        for c in layer_cache:
+            if tuple(c.shape) != want:
+                raise InputError(
+                    f"cache arrays must have shape [B, H, S, K] = {want} (init_cache(config, "
+                    f"{B}, S)), got {tuple(c.shape)}"
+                )
+    if tuple(jnp.shape(kv_start_B)) != (B,):
+        raise InputError(f"kv_start_B must have shape [B] = ({B},), got {jnp.shape(kv_start_B)}")
+    T = tokens_BT.shape[1]
+    if not isinstance(q_offset, jax.core.Tracer):
+        offset = int(q_offset)
+        if offset < 0 or offset + T > S:
+            raise InputError(
+                f"q_offset {offset} + {T} tokens does not fit the cache of {S} slots; "
+                f"allocate a longer cache with init_cache(config, batch, max_len)"
+            )
+        if not isinstance(kv_start_B, jax.core.Tracer):
+            last_position = offset + T - 1 - int(np.min(np.asarray(kv_start_B)))
+            if last_position >= config.block_size:
+                raise InputError(
+                    f"position {last_position} (slot {offset + T - 1} - kv_start) is beyond the "
+                    f"model's block_size {config.block_size}"
+                )
 
 
 def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:

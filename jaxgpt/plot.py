@@ -8,6 +8,24 @@ from pathlib import Path
 from jaxgpt.errors import InputError
 
 METRICS_FILE = "metrics.jsonl"
+# Formats matplotlib's Agg backend writes (a subset of `FigureCanvasBase.filetypes`).
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps")
+
+
+def check_output_path(path: Path, what: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """InputError unless `path` can be written: its folder exists and its suffix is known.
+
+    Called before any long work, so a typo in an output path costs nothing.
+    """
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise InputError(
+            f"{what} {path}: unknown file type {path.suffix or '(none)'!r}; "
+            f"expected one of {', '.join(suffixes)}"
+        )
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise InputError(f"{what} {path}: the directory {path.parent} does not exist")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -23,6 +41,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+def check_output_dir(path: Path, what: str) -> None:
+    """InputError unless `path` is a directory or can be created (no file in its way)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} {path}: {existing} is a file, not a directory")
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the loss curve of `run_dir` to `out` (default `run_dir/loss.png`); return its path."""
     import matplotlib
@@ -30,6 +57,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(out) if out is not None else Path(run_dir) / "loss.png"
+    check_output_path(out, "--out", suffixes=IMAGE_SUFFIXES)
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -50,7 +79,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(out) if out is not None else Path(run_dir) / "loss.png"
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

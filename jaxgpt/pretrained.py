@@ -17,7 +17,11 @@ reads the added tokens back.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ import numpy as np
 
 from jaxgpt import chat
 from jaxgpt.config import GPTConfig
-from jaxgpt.errors import CheckpointFormatError, ConfigError
+from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, MissingExtraError
 from jaxgpt.params import Params, check_params
 from jaxgpt.tokenizer import (
     ENDOFTEXT,
@@ -166,18 +170,28 @@ def _resolve_dir(path: str | Path) -> Path:
     raise CheckpointFormatError(f"model directory {str(path)!r} does not exist")
 
 
+def _import_hf(module: str, what: str) -> Any:
+    """`module` imported, or a MissingExtraError naming the `hf` extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(
+            f"{what} needs the {module.split('.')[0]!r} package, which this install lacks; "
+            f"install the Hugging Face extra: pip install 'jaxgpt[hf]'"
+        ) from err
+
+
 def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     safetensors_file = directory / "model.safetensors"
     bin_file = directory / "pytorch_model.bin"
     if safetensors_file.exists():
-        from safetensors.numpy import load_file
-
+        safetensors_numpy = _import_hf("safetensors.numpy", f"reading {safetensors_file}")
         try:
-            return load_file(str(safetensors_file))
+            return safetensors_numpy.load_file(str(safetensors_file))
         except Exception as err:
             raise CheckpointFormatError(f"cannot read {safetensors_file}: {err}") from err
     if bin_file.exists():
-        import torch
+        torch = _import_hf("torch", f"reading {bin_file}")
 
         try:
             state = torch.load(str(bin_file), map_location="cpu", weights_only=True)
@@ -245,19 +259,33 @@ def load_hf(path: str | Path, **config_overrides: Any) -> tuple[GPTConfig, Param
 
 
 def save_hf(
-    config: GPTConfig, params: Params, path: str | Path, tokenizer: Tokenizer | None = None
+    config: GPTConfig,
+    params: Params,
+    path: str | Path,
+    tokenizer: Tokenizer | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
 
     With `tokenizer` (GPT-2's BPE, possibly with added special tokens such as the chat tokens),
     also the tokenizer files `transformers.AutoTokenizer.from_pretrained` loads offline.
-    """
-    from safetensors.numpy import save_file
 
+    The files are written into a temporary sibling directory that is renamed to `path` only when
+    complete, so `path` never holds a half-written model. A `path` that exists and is not empty
+    is refused unless `overwrite=True` (then it is replaced as a whole, after the new model is
+    complete); `path`'s parent is created if needed.
+    """
+    safetensors_numpy = _import_hf("safetensors.numpy", "saving a Hugging Face checkpoint")
     check_params(params, config)
     tokenizer_files = {} if tokenizer is None else hf_tokenizer_files(tokenizer, config)
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"cannot save a model to {directory}: it is a file")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise InputError(
+            f"{directory} is not empty; pass overwrite=True to replace it, or choose a new path"
+        )
     tensors: dict[str, np.ndarray] = {}
 
     def put(tree: Params, names: dict[tuple[str, ...], str], prefix: str) -> None:
@@ -273,10 +301,31 @@ def save_hf(
     put(params, _TOP_NAMES, "")
     for i, block_params in enumerate(params["blocks"]):
         put(block_params, _BLOCK_NAMES, f"h.{i}.")
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
-    for name, data in tokenizer_files.items():
-        (directory / name).write_bytes(data)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    except OSError as err:
+        raise InputError(f"cannot save a model to {directory}: {err}") from err
+    try:
+        safetensors_numpy.save_file(
+            tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        for name, data in tokenizer_files.items():
+            (tmp / name).write_bytes(data)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
+        if directory.is_dir():
+            # Replace: move the old directory aside first (rename cannot replace a non-empty
+            # directory), then delete it only once the new one is in place.
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return directory
 
 

@@ -12,6 +12,7 @@ lowest-probability tokens whose cumulative probability is at most 1 - p; always 
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import jax
@@ -85,8 +86,15 @@ def make_sampler(
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> Greedy | RandomSampling:
     """The sampler for these settings; temperature 0 means greedy. Bad values raise InputError."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise InputError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
+        )
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):

@@ -83,6 +83,25 @@ def _byte_decoder() -> dict[str, int]:
     return table
 
 
+def check_ids(tokens: Sequence[int], n_vocab: int) -> list[int]:
+    """`tokens` as a list of ints; TokenizerError for an id outside `[0, n_vocab)`."""
+    ids = [int(t) for t in tokens]
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise TokenizerError(
+            f"token id {bad[0]} is outside this tokenizer's vocabulary [0, {n_vocab - 1}]"
+        )
+    return ids
+
+
+class _GPT2Encoding(tiktoken.Encoding):
+    """tiktoken's Encoding whose `decode` refuses ids outside the vocabulary with a clear error
+    (tiktoken raises a KeyError or OverflowError)."""
+
+    def decode(self, tokens: Sequence[int], errors: str = "replace") -> str:
+        return super().decode(check_ids(tokens, self.n_vocab), errors=errors)
+
+
 def read_bundled_bpe(name: str) -> bytes:
     """A bundled GPT-2 BPE file ("encoder.json" or "vocab.bpe"), checked against its sha256."""
     data = (resources.files("jaxgpt") / "assets" / "gpt2-bpe" / name).read_bytes()
@@ -128,7 +147,7 @@ def _gpt2_encoding(special_tokens: tuple[str, ...] = ()) -> tiktoken.Encoding:
         raise TokenizerError(f"{ENDOFTEXT} is already GPT-2's token {encoder[ENDOFTEXT]}")
     special = {ENDOFTEXT: encoder[ENDOFTEXT]}
     special.update({name: len(encoder) + i for i, name in enumerate(special_tokens)})
-    return tiktoken.Encoding(
+    return _GPT2Encoding(
         name="gpt2",
         pat_str=_GPT2_PATTERN,
         mergeable_ranks=ranks,
@@ -206,7 +225,8 @@ class CharTokenizer:
     def decode(self, tokens: Sequence[int]) -> str:
         n = len(self.chars)
         return "".join(
-            self.chars[t] if t < n else self.special_tokens[t - n] for t in map(int, tokens)
+            self.chars[t] if t < n else self.special_tokens[t - n]
+            for t in check_ids(tokens, self.n_vocab)
         )
 
     def to_json(self) -> dict:

@@ -210,8 +210,8 @@ def trace(
         raise InputError(f"top_k must be an integer from 1 to 100, got {top_k!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"seed must be an integer, got {seed!r}")
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise InputError(f"temperature must be a number > 0, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise InputError(f"temperature must be a finite number > 0, got {temperature!r}")
     top_k = min(top_k, config.vocab_size)
     samplers = {
         "greedy": make_sampler(temperature=0),

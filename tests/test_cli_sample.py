@@ -48,6 +48,26 @@ def test_num_samples_and_prompt_file(capsys, hf_dir, tmp_path):
     assert out.count("Once upon") == 2
 
 
+def test_top_k_and_top_p_change_what_is_sampled(capsys, hf_dir):
+    """The tiny random model's next-token distribution is nearly flat over 50257 tokens, so a
+    plain sample almost surely differs from greedy; top-k 1, or a top-p below the largest
+    probability, keeps only the most likely token and must reproduce greedy exactly."""
+
+    def text(*extra):
+        code, out, _ = sample(capsys, "--model", hf_dir, "--prompt", "Hello", "--seed", "3",
+                              "--max-new-tokens", "12", *extra)  # fmt: skip
+        assert code == 0
+        return out
+
+    greedy = text("--temperature", "0")
+    plain = text()
+    assert plain != greedy
+    assert text("--top-k", "1") == greedy
+    assert text("--top-p", "1e-6") == greedy
+    # And a wider filter samples something else again, still not greedy.
+    assert text("--top-k", "2") not in (greedy, plain)
+
+
 def test_preset_says_random_weights(capsys):
     code, out, err = sample(capsys, "--model", "mini", "--prompt", "Hi", "--max-new-tokens", "2",
                             "--temperature", "0")  # fmt: skip
@@ -73,7 +93,7 @@ def test_bad_input_exits_2_with_one_line(capsys, hf_dir, args, message):
     code, _, err = sample(capsys, "--model", hf_dir, *args)
     assert code == 2
     assert message in err
-    assert err.strip().count("\n") <= 1 and "Traceback" not in err  # at most the "sampling" line
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_missing_model_exits_2(capsys, tmp_path):

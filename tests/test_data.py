@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jaxgpt.data import check_fits, corpus_files, get_batch, load_tokens, prepare
+from jaxgpt.data import (
+    check_fits,
+    corpus_files,
+    get_batch,
+    invalid_utf8,
+    load_tokens,
+    prepare,
+)
 from jaxgpt.errors import InputError
 from jaxgpt.tokenizer import CharTokenizer, get_tokenizer
 
@@ -92,3 +101,112 @@ def test_get_batch_windows():
     # The last window may end exactly at the last token.
     starts = get_batch(np.arange(9, dtype=np.uint16), 16, 8, seed=0, step=0)[0, :, 0]
     assert set(starts) == {0}
+
+
+# Plays whose pieces all go to train under the default split (the docs name them).
+TRAIN_ONLY_PLAYS = {
+    "coriolanus_gut.txt", "john_gut.txt", "pericles_gut.txt",
+    "tragedy_of_titus_andronicus_gut.txt", "troilus_and_cressida_gut.txt", "twelfth_night_gut.txt",
+}  # fmt: skip
+
+
+def test_bundled_split_is_what_the_docs_say(tmp_path):
+    """docs/data.md: 3,508,436 train / 388,796 val characters; 24 of the 30 plays in val."""
+    meta = prepare("shakespeare", tmp_path / "s", progress=False)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (3_508_436, 388_796)
+    assert meta["vocab_size"] == 83
+    no_val = {f["name"] for f in meta["files"] if f["val_pieces"] == 0}
+    assert no_val == TRAIN_ONLY_PLAYS
+    assert sum(f["val_pieces"] for f in meta["files"]) == meta["val_pieces"]
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "data.md").read_text()
+    assert "24 of the 30 plays" in docs and all(p in docs for p in TRAIN_ONLY_PLAYS)
+
+
+def test_invalid_utf8_is_an_error_naming_file_and_offset(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    # Two invalid sequences; the first at byte 12 (after "good line\né" = 10 + 2 bytes).
+    bad.write_bytes("good line\n\u00e9".encode() + b"\xff tail\n" + b"x\xc3(\n")
+    with pytest.raises(InputError, match=r"bad.txt is not valid UTF-8: 2 .* byte offset 12"):
+        prepare(bad, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "meta.json").exists()
+    meta = prepare(bad, tmp_path / "o", errors="replace", split_chunk=4, progress=False)
+    assert "2 invalid UTF-8 byte sequence(s)" in capsys.readouterr().err
+    assert meta["replaced_invalid_utf8"] == 2
+    # What "replace" reads is exactly Python's own decoding with errors="replace".
+    tok = CharTokenizer(meta["chars"])
+    text = tok.decode(load_tokens(tmp_path / "o", "train")) + tok.decode(
+        load_tokens(tmp_path / "o", "val")
+    )
+    assert sorted(text) == sorted(bad.read_bytes().decode("utf-8", errors="replace"))
+    with pytest.raises(InputError, match="errors must be one of"):
+        prepare(bad, tmp_path / "o", errors="ignore", progress=False)
+
+
+@pytest.mark.parametrize("where", [0, 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3 << 20])
+def test_invalid_utf8_offsets_across_read_blocks(tmp_path, where):
+    """Offsets are exact wherever a bad byte falls, also next to a character cut by a block end."""
+    data = bytearray(("é" * (2 << 20)).encode())  # 2-byte characters straddle every block end
+    data[where] = 0xFF
+    path = tmp_path / "c.txt"
+    path.write_bytes(bytes(data))
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError as err:
+        first = err.start
+    expected = bytes(data).decode("utf-8", errors="replace").count("\ufffd")
+    assert invalid_utf8(path) == (expected, first)
+
+
+def test_corpus_of_one_piece_is_refused_with_the_right_advice(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("To be, or not to be.\n" * 20)  # 420 characters: one piece of 8192
+    with pytest.raises(InputError, match=r"single split piece .* smaller split_chunk \(at most 42"):
+        prepare(small, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "meta.json").exists()
+    meta = prepare(small, tmp_path / "o", split_chunk=42, progress=False)
+    assert meta["val_tokens"] > 0
+    with pytest.raises(InputError, match="smaller data.split_chunk"):
+        check_fits(np.zeros(3, np.uint8), block_size=16, split="val")
+
+
+def _hashes(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+def test_interrupted_prepare_keeps_the_previous_data(tmp_path, tiny_corpus, monkeypatch):
+    out = tmp_path / "data"
+    prepare(tiny_corpus, out, split_chunk=1024, progress=False)
+    before = _hashes(out)
+    calls = []
+
+    def interrupted(self, text, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # in the middle of writing the new token files
+            raise KeyboardInterrupt
+        return original(self, text)
+
+    original = CharTokenizer.encode
+    monkeypatch.setattr(CharTokenizer, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tiny_corpus, out, split_chunk=512, progress=False)
+    assert len(calls) == 5
+    assert _hashes(out) == before  # the old files, and no temporary ones left behind
+    monkeypatch.undo()
+    meta = prepare(tiny_corpus, out, split_chunk=512, progress=False)
+    assert meta["split_chunk"] == 512 and _hashes(out) != before
+
+
+def test_token_files_that_disagree_with_meta_are_refused(tmp_path, tiny_corpus):
+    out = tmp_path / "data"
+    prepare(tiny_corpus, out, split_chunk=1024, progress=False)
+    val = out / "val.bin"
+    val.write_bytes(val.read_bytes()[:-10])
+    with pytest.raises(InputError, match="inconsistent"):
+        load_tokens(out, "val")
+
+
+def test_prepare_into_a_file_or_below_one(tmp_path, tiny_corpus):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(InputError, match="cannot create the data directory"):
+            prepare(tiny_corpus, out, progress=False)

@@ -8,7 +8,13 @@ import pytest
 
 from jaxgpt.cli import main
 from jaxgpt.errors import ConfigError
-from jaxgpt.experiment import apply_overrides, available_experiments, diff, load_experiment
+from jaxgpt.experiment import (
+    Experiment,
+    apply_overrides,
+    available_experiments,
+    diff,
+    load_experiment,
+)
 
 
 def test_bundled_experiments_load():
@@ -72,11 +78,37 @@ def test_bool_and_string_values():
         ("optim.decay_embeddings=maybe", "expected a boolean"),
         ("optim.lr", "key=value"),
         ("model.dropout=1.5", "model.dropout"),
+        ("model.n_layer=0", "model.n_layer must be a positive integer"),
+        ("model.n_embd=130", r"model.n_embd \(130\) must be divisible by model.n_head \(4\)"),
+        ("eval.temperature=-1", "eval.temperature must be a finite number >= 0"),
+        ("eval.temperature=nan", "eval.temperature must be a finite number >= 0"),
+        ("eval.temperature=inf", "eval.temperature must be a finite number >= 0"),
+        ("eval.top_k=-1", "eval.top_k must be an integer >= 0"),
+        ("eval.sample_tokens=-5", "eval.sample_tokens"),
+        ("data.errors=ignore", "data.errors must be one of"),
     ],
 )
 def test_bad_overrides(assignment, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment("shakespeare_char", [assignment])
+
+
+def test_from_dict_round_trip_and_unknown_keys():
+    exp = load_experiment("shakespeare_char", ["eval.temperature=0", "data.errors=replace"])
+    assert Experiment.from_dict(exp.to_dict()) == exp
+    # A run's experiment.json from another version or edited by hand: the key is named.
+    d = exp.to_dict()
+    d["optim"]["lrr"] = 1.0
+    with pytest.raises(ConfigError, match=r"key optim.'lrr'; did you mean optim.lr"):
+        Experiment.from_dict(d)
+    with pytest.raises(ConfigError, match="unknown experiment key 'optimizer'"):
+        Experiment.from_dict({**exp.to_dict(), "optimizer": {}})
+    with pytest.raises(ConfigError, match="section 'model' must be an object"):
+        Experiment.from_dict({"model": 3})
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        Experiment.from_dict([1, 2])
+    with pytest.raises(ConfigError, match="model.n_head"):  # values are validated too
+        Experiment.from_dict({"model": {"n_embd": 130}})
 
 
 def test_unknown_experiment_suggests():

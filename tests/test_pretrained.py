@@ -1,14 +1,16 @@
 """Hugging Face GPT-2 checkpoints: load, save, round trip, and refusal of what is not GPT-2."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgpt import pretrained
 from jaxgpt.config import get_preset
-from jaxgpt.errors import CheckpointFormatError
+from jaxgpt.errors import CheckpointFormatError, InputError, MissingExtraError
 from jaxgpt.params import init_params
 from jaxgpt.pretrained import load_hf, save_hf
 
@@ -84,3 +86,62 @@ def test_weights_that_do_not_match_config(hf_tiny, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((hf_tiny[1] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointFormatError, match="do not match"):
         load_hf(tmp_path)
+
+
+def test_truncated_weights(hf_tiny, tmp_path):
+    (tmp_path / "config.json").write_text((hf_tiny[1] / "config.json").read_text())
+    weights = (hf_tiny[1] / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointFormatError, match="cannot read .*model.safetensors"):
+        load_hf(tmp_path)
+
+
+def test_without_the_hf_extra(hf_tiny, tmp_path, monkeypatch):
+    """An install without safetensors / torch: one error naming the extra to install."""
+    for name in ("safetensors", "safetensors.numpy", "torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'jaxgpt\[hf\]'"):
+        load_hf(hf_tiny[1])
+    (tmp_path / "config.json").write_text((hf_tiny[1] / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(MissingExtraError, match="'torch' package"):
+        load_hf(tmp_path)
+    config = get_preset("tiny")
+    with pytest.raises(MissingExtraError, match="jaxgpt\\[hf\\]"):
+        save_hf(config, init_params(config, jax.random.key(0)), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def _tree(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_save_never_leaves_a_half_written_directory(tmp_path, monkeypatch):
+    config = get_preset("tiny")
+    p0, p1 = (init_params(config, jax.random.key(i)) for i in (0, 1))
+    out = tmp_path / "model"
+    save_hf(config, p0, out)
+    saved = _tree(out)
+    assert set(saved) == {"config.json", "model.safetensors"}
+    # A non-empty directory is refused without overwrite=True, and left as it was.
+    with pytest.raises(InputError, match="not empty; pass overwrite=True"):
+        save_hf(config, p1, out)
+    assert _tree(out) == saved
+    # A save that fails half-way (here: writing the config) leaves the old model intact.
+    monkeypatch.setattr(pretrained, "config_to_hf", lambda c: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        save_hf(config, p1, out, overwrite=True)
+    monkeypatch.undo()
+    assert _tree(out) == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary siblings
+    # overwrite=True replaces it as a whole.
+    save_hf(config, p1, out, overwrite=True)
+    assert _tree(out) != saved and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    _, loaded = load_hf(out)
+    np.testing.assert_array_equal(loaded["wte"], p1["wte"])
+    # An empty directory is fine; a file is not.
+    (tmp_path / "empty").mkdir()
+    save_hf(config, p0, tmp_path / "empty")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="it is a file"):
+        save_hf(config, p0, tmp_path / "afile")

@@ -8,8 +8,13 @@ import pytest
 from jaxgpt.errors import InputError
 from jaxgpt.sampling import Greedy, RandomSampling, make_sampler, top_k_filter, top_p_filter
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+
+@pytest.fixture
+def transformers():
+    """Hugging Face's warpers, the reference; only the tests that compare with them need it (the
+    torch-free tests below run on an install without the `hf` extra)."""
+    pytest.importorskip("torch")
+    return pytest.importorskip("transformers")
 
 
 def random_logits(seed: int, tied: bool) -> np.ndarray:
@@ -22,6 +27,8 @@ def random_logits(seed: int, tied: bool) -> np.ndarray:
 
 
 def hf_apply(warpers, logits: np.ndarray) -> np.ndarray:
+    import torch
+
     scores = torch.tensor(logits)
     input_ids = torch.zeros((logits.shape[0], 1), dtype=torch.long)
     for warper in warpers:
@@ -38,13 +45,14 @@ def stable_torch_sort(monkeypatch):
     boundary, which of them Hugging Face drops depends on the sort algorithm. jaxgpt uses the
     same algorithm with a stable sort; with torch's sort made stable the two must agree exactly.
     """
+    torch = pytest.importorskip("torch")
     original = torch.sort
     monkeypatch.setattr(torch, "sort", lambda *a, **kw: original(*a, **kw, stable=True))
 
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("k", [1, 3, 10, 50])
-def test_top_k_matches_transformers(k, tied):
+def test_top_k_matches_transformers(k, tied, transformers):
     logits = random_logits(k, tied)
     ours = np.asarray(top_k_filter(jnp.asarray(logits), k))
     theirs = hf_apply([transformers.TopKLogitsWarper(top_k=k)], logits)
@@ -54,7 +62,7 @@ def test_top_k_matches_transformers(k, tied):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 1.0])
-def test_top_p_matches_transformers(p, tied, stable_torch_sort):
+def test_top_p_matches_transformers(p, tied, stable_torch_sort, transformers):
     logits = random_logits(int(p * 100), tied)
     ours = np.asarray(top_p_filter(jnp.asarray(logits), p))
     theirs = hf_apply([transformers.TopPLogitsWarper(top_p=p)], logits)
@@ -63,7 +71,7 @@ def test_top_p_matches_transformers(p, tied, stable_torch_sort):
         assert (~np.isfinite(ours)).any()  # the filter actually removed something
 
 
-def test_top_p_ties_straddle_the_boundary(stable_torch_sort):
+def test_top_p_ties_straddle_the_boundary(stable_torch_sort, transformers):
     """The tied case above really has kept and dropped tokens with the same logit."""
     logits = random_logits(50, tied=True)
     ours = np.asarray(top_p_filter(jnp.asarray(logits), 0.5))
@@ -74,7 +82,7 @@ def test_top_p_ties_straddle_the_boundary(stable_torch_sort):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_combined_chain_matches_transformers(tied, stable_torch_sort):
+def test_combined_chain_matches_transformers(tied, stable_torch_sort, transformers):
     logits = random_logits(7, tied)
     sampler = RandomSampling(temperature=0.7, top_k=12, top_p=0.8)
     ours = np.asarray(sampler.filter_logits(jnp.asarray(logits)))
@@ -111,6 +119,10 @@ def test_make_sampler_kinds():
     "kwargs, match",
     [
         (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "finite number"),
+        (dict(temperature=float("inf")), "finite number"),
+        (dict(temperature=True), "temperature"),
+        (dict(top_p=float("nan")), "top_p"),
         (dict(top_k=0), "top_k"),
         (dict(top_k=2.5), "top_k"),
         (dict(top_p=0.0), "top_p"),
@@ -125,3 +137,24 @@ def test_bad_settings(kwargs, match):
 def test_random_sampling_needs_key():
     with pytest.raises(InputError, match="key"):
         RandomSampling()(jnp.zeros((1, 4)), None)
+
+
+def test_torch_free_tests_run_without_torch():
+    """Run this module in a subprocess where torch and transformers cannot be imported: the
+    comparisons with Hugging Face skip, every other test runs and passes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = sys.modules['transformers'] = None\n"
+        "import pytest\n"
+        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, "
+        "'-k', 'not without_torch']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert "skipped" in summary and " passed" in summary, summary
+    passed = int(summary.split(" passed")[0].split()[-1])
+    assert passed >= 10, summary

@@ -67,7 +67,7 @@ def test_endoftext_handling(tiktoken_gpt2):
     enc = get_tokenizer("gpt2")
     text = f"first document{ENDOFTEXT}second"
     # Like tiktoken, special tokens in text are refused unless allowed explicitly.
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="disallowed special token"):
         enc.encode(text)
     ids = enc.encode(text, allowed_special={ENDOFTEXT})
     assert 50256 in ids and ids == tiktoken_gpt2.encode(text, allowed_special={ENDOFTEXT})
@@ -89,3 +89,16 @@ def test_char_tokenizer_roundtrip(tmp_path):
 def test_unknown_tokenizer():
     with pytest.raises(TokenizerError, match="unknown tokenizer"):
         get_tokenizer("gpt5")
+
+
+def test_decode_refuses_ids_outside_the_vocabulary():
+    char = CharTokenizer("abc")
+    assert char.decode([0, 2]) == "ac"
+    for tok in (char, get_tokenizer("gpt2")):
+        n = tok.n_vocab
+        for bad in (n, -1):
+            with pytest.raises(TokenizerError, match=f"token id {bad} is outside .* {n - 1}"):
+                tok.decode([0, bad])
+    # The GPT-2 encoding is still tiktoken's: valid ids decode exactly as tiktoken decodes them.
+    enc = get_tokenizer("gpt2")
+    assert enc.decode([15496, 11, 50256]) == "Hello,<|endoftext|>"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from jaxgpt.errors import JaxgptError
 
@@ -16,8 +17,16 @@ from jaxgpt.errors import JaxgptError
 COMMANDS = ("prepare", "train", "sample", "chat", "trace", "plot", "params", "bench")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (argparse prints the whole usage first),
+    like every other jaxgpt error; `--help` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="jaxgpt",
         description="GPT-2 as pure JAX functions: train, sample, trace and benchmark.",
     )

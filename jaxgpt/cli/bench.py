@@ -12,6 +12,7 @@ from jaxgpt.bench.timing import device_peak
 from jaxgpt.config import PRESETS, get_preset
 from jaxgpt.errors import InputError
 from jaxgpt.flops import device_name
+from jaxgpt.plot import check_output_path
 
 # Workload name → module under jaxgpt.bench defining `run(args) -> list[dict]`.
 WORKLOADS: dict[str, str] = {
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise InputError(f"--{name} must be >= 1, got {value}")
     get_preset(args.model)  # an unknown preset fails here, before any timing
+    if args.json is not None:  # and so does an output path that cannot be written
+        check_output_path(args.json, "--json")
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     peak, source = device_peak(args.dtype)
     device = device_name()

@@ -28,6 +28,13 @@ def load_model(spec: str, *, seed: int = 0, **overrides: Any) -> LoadedModel:
     (or cached hub name), or a jaxgpt training run directory (its latest checkpoint)."""
     if spec in PRESETS:
         config = get_preset(spec, **overrides)
+        tokenizer = get_tokenizer("gpt2")
+        # Checked before the warning below, so a refused preset prints one line, not two.
+        if config.vocab_size < tokenizer.n_vocab:
+            raise CheckpointFormatError(
+                f"preset {spec!r} has vocab_size {config.vocab_size}, smaller than GPT-2's "
+                f"tokenizer ({tokenizer.n_vocab}); use it through a training run instead"
+            )
         print(
             f"WARNING: {spec!r} is a preset with RANDOM weights (seed {seed}); its output is "
             f"noise. Pass a Hugging Face GPT-2 directory or a training run directory for a "
@@ -35,12 +42,6 @@ def load_model(spec: str, *, seed: int = 0, **overrides: Any) -> LoadedModel:
             file=sys.stderr,
         )
         params = init_params(config, jax.random.key(seed))
-        tokenizer = get_tokenizer("gpt2")
-        if config.vocab_size < tokenizer.n_vocab:
-            raise CheckpointFormatError(
-                f"preset {spec!r} has vocab_size {config.vocab_size}, smaller than GPT-2's "
-                f"tokenizer ({tokenizer.n_vocab}); use it through a training run instead"
-            )
         return LoadedModel(config, params, tokenizer, f"preset {spec} (random weights)")
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").exists():

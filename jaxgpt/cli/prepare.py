@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jaxgpt.data import BUNDLED, prepare
+from jaxgpt.data import BUNDLED, ENCODING_ERRORS, prepare
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--split-chunk", type=int, default=8192, help="characters per split piece (8192)"
     )
+    parser.add_argument(
+        "--errors", choices=ENCODING_ERRORS, default="strict",
+        help="a corpus that is not valid UTF-8: 'strict' stops with the file and byte offset "
+        "(default), 'replace' replaces the bad bytes with U+FFFD and warns with their count",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -31,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     meta = prepare(
         args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-        split_seed=args.split_seed, split_chunk=args.split_chunk, progress=not args.quiet,
+        split_seed=args.split_seed, split_chunk=args.split_chunk, errors=args.errors,
+        progress=not args.quiet,
     )  # fmt: skip
     print(
         f"{args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "

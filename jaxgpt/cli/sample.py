@@ -11,7 +11,7 @@ import jax
 
 from jaxgpt.cli.common import load_model
 from jaxgpt.config import PRESETS
-from jaxgpt.decode import generate
+from jaxgpt.decode import check_request, generate
 from jaxgpt.errors import InputError
 from jaxgpt.sampling import make_sampler
 from jaxgpt.tokenizer import ENDOFTEXT
@@ -51,9 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is not None:
         try:
-            return args.prompt_file.read_text()
+            return args.prompt_file.read_text(encoding="utf-8")
         except OSError as err:
             raise InputError(f"cannot read --prompt-file {args.prompt_file}: {err}") from err
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}: "
+                f"{err.reason}); save it as UTF-8"
+            ) from err
     return ENDOFTEXT if args.prompt is None else args.prompt
 
 
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = tokenizer.encode(text, **special)
     if not prompt:
         raise InputError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
+    check_request(model.config, prompt, args.max_new_tokens)  # before anything is printed
     print(
         f"sampling {args.num_samples} x {args.max_new_tokens} tokens from {model.source} "
         f"(prompt: {len(prompt)} tokens)",

@@ -13,6 +13,7 @@ from pathlib import Path
 from jaxgpt.cli.common import load_model
 from jaxgpt.config import PRESETS
 from jaxgpt.errors import InputError
+from jaxgpt.plot import check_output_dir
 from jaxgpt.trace import format_report, save_trace, trace
 
 
@@ -55,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 1 <= args.numbers <= 64:
         raise InputError(f"--numbers must be from 1 to 64, got {args.numbers}")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")  # before the model is loaded and traced
     model = load_model(args.model)
     result = trace(
         model.params,

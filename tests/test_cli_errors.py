@@ -1,0 +1,218 @@
+"""Every `jaxgpt` command given bad input, as a user runs it (a subprocess): exit code 2, exactly
+one line on stderr naming the problem, no traceback, and every file of an existing run unchanged.
+
+The inputs are built once per module (a finished 5-step tiny run, tiny Hugging Face directories,
+broken copies of them); the commands then run two at a time, and each case checks its own result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxgpt.cli import COMMANDS
+from jaxgpt.config import GPTConfig
+from jaxgpt.experiment import load_experiment
+from jaxgpt.params import init_params
+from jaxgpt.pretrained import save_hf
+from jaxgpt.train import run
+from tests.conftest import TINY_EXPERIMENT
+
+# Run a command with the `hf` extra's packages made unimportable (as on `pip install jaxgpt`).
+WITHOUT_HF = (
+    "import sys\n"
+    "for name in ('safetensors', 'safetensors.numpy', 'torch', 'transformers'):\n"
+    "    sys.modules[name] = None  # `import name` now raises ImportError\n"
+    "from jaxgpt.cli import main\n"
+    "sys.exit(main())\n"
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: tuple[str, ...]  # after `jaxgpt`; "{w}" stands for the world directory
+    message: str  # a piece of the one stderr line
+    keeps: tuple[str, ...] = ()  # world subdirectories that must be unchanged afterwards
+    without_hf: bool = False
+
+
+def case(name, argv, message, keeps=(), without_hf=False) -> Case:
+    return Case(name, tuple(argv.split()), message, tuple(keeps), without_hf)
+
+
+RUN = ("run",)
+# fmt: off
+CASES = [
+    # prepare
+    case("prepare-missing-source", "prepare {w}/nope.txt {w}/data2", "does not exist"),
+    case("prepare-parent-is-a-file", "prepare {w}/corpus.txt {w}/afile/data", "cannot create"),
+    case("prepare-out-is-a-file", "prepare {w}/corpus.txt {w}/afile", "cannot create"),
+    case("prepare-not-utf8", "prepare {w}/latin1.txt {w}/data3 --quiet", "byte offset 10"),
+    case("prepare-one-piece", "prepare {w}/short.txt {w}/data4 --quiet", "smaller split_chunk"),
+    case("prepare-val-fraction", "prepare {w}/corpus.txt {w}/data5 --val-fraction 1.5", "(0, 1)"),
+    case("prepare-empty", "prepare {w}/empty.txt {w}/data6", "is empty"),
+    case("prepare-bad-errors", "prepare {w}/corpus.txt {w}/data7 --errors ignore",
+         "invalid choice"),
+    # train: every bad setting fails before any work, and an existing run is left alone
+    case("train-unknown-experiment", "train nosuch_experiment", "unknown experiment"),
+    case("train-unknown-key", "train {w}/tiny.py --set optim.lrr=1", "did you mean 'optim.lr'"),
+    case("train-bad-number", "train {w}/tiny.py --set optim.lr=fast", "expected a number"),
+    case("train-n-layer-0", "train {w}/tiny.py --out {w}/run --set model.n_layer=0",
+         "model.n_layer must be a positive integer", RUN),
+    case("train-n-embd-n-head", "train {w}/tiny.py --out {w}/run --set model.n_embd=33",
+         "model.n_embd (33) must be divisible by model.n_head (2)", RUN),
+    case("train-eval-temperature", "train {w}/tiny.py --out {w}/run --set eval.temperature=-1",
+         "eval.temperature", RUN),
+    case("train-eval-temperature-nan", "train {w}/tiny.py --set eval.temperature=nan",
+         "eval.temperature"),
+    case("train-eval-top-k", "train {w}/tiny.py --out {w}/run --set eval.top_k=-3",
+         "eval.top_k", RUN),
+    case("train-data-errors", "train {w}/tiny.py --set data.errors=ignore", "data.errors"),
+    case("train-bad-mesh", "train {w}/tiny.py --out {w}/run --mesh data=x", "mesh", RUN),
+    case("train-changed-shape", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set model.n_layer=3", "model.n_layer", RUN),
+    # sample
+    case("sample-prompt-not-utf8", "sample --model {w}/run --prompt-file {w}/latin1.txt",
+         "not UTF-8", RUN),
+    case("sample-prompt-file-missing", "sample --model {w}/run --prompt-file {w}/nope.txt",
+         "cannot read --prompt-file", RUN),
+    case("sample-hf-no-weights", "sample --model {w}/hf_noweights", "no model.safetensors"),
+    case("sample-hf-truncated", "sample --model {w}/hf_truncated", "cannot read"),
+    case("sample-hf-without-extra", "sample --model {w}/hf --max-new-tokens 2",
+         "pip install 'jaxgpt[hf]'", without_hf=True),
+    case("sample-experiment-not-json", "sample --model {w}/run_notjson", "cannot read",
+         ("run_notjson",)),
+    case("sample-experiment-unknown-key", "sample --model {w}/run_unknownkey",
+         "unknown experiment key optim.'lrr'", ("run_unknownkey",)),
+    case("sample-checkpoint-cut-short", "sample --model {w}/run_truncated", "checkpoint",
+         ("run_truncated",)),
+    case("sample-preset-vocab", "sample --model tiny", "vocab_size 512"),
+    case("sample-temperature-nan", "sample --model {w}/run --temperature nan",
+         "finite number", RUN),
+    case("sample-top-k-0", "sample --model {w}/run --top-k 0", "top_k", RUN),
+    case("sample-top-p", "sample --model {w}/run --top-p 1.5", "top_p", RUN),
+    case("sample-unknown-char", "sample --model {w}/run --prompt \u20ac", "not in this", RUN),
+    case("sample-missing-model", "sample --model {w}/nowhere", "does not exist"),
+    case("sample-too-long", "sample --model {w}/run --prompt abc --max-new-tokens 100",
+         "block_size", RUN),
+    # trace
+    case("trace-layer", "trace --model {w}/run --prompt the --layer 9", "layer", RUN),
+    case("trace-temperature-nan", "trace --model {w}/run --prompt the --temperature nan",
+         "finite number", RUN),
+    case("trace-hf-truncated", "trace --model {w}/hf_truncated --prompt the", "cannot read"),
+    case("trace-out-is-a-file", "trace --model {w}/run --prompt the --out {w}/afile/x",
+         "is a file, not a directory", RUN),
+    # plot
+    case("plot-missing-dir", "plot {w}/run --out {w}/nowhere/loss.png", "does not exist", RUN),
+    case("plot-unknown-extension", "plot {w}/run --out {w}/loss.xyz", "unknown file type", RUN),
+    case("plot-not-a-run", "plot {w}/hf", "no metrics.jsonl"),
+    # params
+    case("params-unknown-preset", "params gpt3", "unknown preset"),
+    # bench: the output path is checked before anything is timed
+    case("bench-json-missing-dir", "bench forward --json {w}/nowhere/out.json", "does not exist"),
+    case("bench-unknown-preset", "bench forward --model gpt3", "unknown preset"),
+    case("bench-steps", "bench forward --steps 0", "--steps"),
+]
+# fmt: on
+
+
+def _tree_hash(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _build_world(w: Path, corpus: Path) -> None:
+    """The inputs the cases refer to, under `w`."""
+    exp_file = w / "tiny.py"
+    exp_file.write_text(
+        TINY_EXPERIMENT.format(source=str(corpus), steps=6, eval_interval=6, ckpt_interval=6)
+    )
+    exp = load_experiment(str(exp_file))
+    run(exp, run_dir=w / "run", data_root=w / "data", progress=False, sample=False)
+    for name, change in [("run_notjson", "{not json"), ("run_unknownkey", None)]:
+        shutil.copytree(w / "run", w / name)
+        path = w / name / "experiment.json"
+        if change is None:
+            d = json.loads(path.read_text())
+            d["optim"]["lrr"] = 1.0
+            change = json.dumps(d)
+        path.write_text(change)
+    shutil.copytree(w / "run", w / "run_truncated")  # every checkpoint array file cut in half
+    for path in (w / "run_truncated" / "checkpoints").rglob("*"):
+        if path.is_file() and path.stat().st_size > 1024:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    config = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    save_hf(config, init_params(config, jax.random.key(0)), w / "hf")
+    (w / "hf_noweights").mkdir()
+    shutil.copy(w / "hf" / "config.json", w / "hf_noweights")
+    shutil.copytree(w / "hf", w / "hf_truncated")
+    weights = w / "hf_truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    shutil.copy(corpus, w / "corpus.txt")
+    (w / "latin1.txt").write_bytes("Romeo\n caf\u00e9\n".encode("latin-1"))  # é at byte 10
+    (w / "short.txt").write_text("To be, or not to be.\n" * 5)
+    (w / "empty.txt").write_text("")
+    (w / "afile").write_text("a file, not a directory\n")
+
+
+def _run_case(c: Case, w: Path) -> subprocess.CompletedProcess:
+    args = [a.replace("{w}", str(w)) for a in c.argv]
+    head = ["-c", WITHOUT_HF] if c.without_hf else ["-m", "jaxgpt"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path.cwd())}
+    return subprocess.run(
+        [sys.executable, *head, *args],
+        capture_output=True,
+        text=True,
+        cwd=w,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_corpus):
+    """(world dir, {case name: completed process}, hashes before, hashes after)."""
+    w = tmp_path_factory.mktemp("cli_errors")
+    _build_world(w, tiny_corpus)
+    kept = {k for c in CASES for k in c.keeps}
+    before = {k: _tree_hash(w / k) for k in kept}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = dict(zip([c.name for c in CASES], pool.map(lambda c: _run_case(c, w), CASES)))
+    after = {k: _tree_hash(w / k) for k in kept}
+    return w, done, before, after
+
+
+def test_enough_cases_and_every_command_covered():
+    assert len(CASES) >= 30
+    assert len({c.name for c in CASES}) == len(CASES)
+    assert {c.argv[0] for c in CASES} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
+def test_bad_input(results, c):
+    _, done, before, after = results
+    proc = done[c.name]
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"jaxgpt {c.argv[0]}: error: "), lines[0]
+    assert c.message in lines[0], lines[0]
+    for k in c.keeps:
+        assert before[k] and after[k] == before[k], f"{k} changed"
