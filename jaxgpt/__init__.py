@@ -13,6 +13,7 @@ from jaxgpt.errors import (
     JaxgptError,
     TokenizerError,
 )
+from jaxgpt.eval import logprobs
 from jaxgpt.model import forward, forward_cached, init_cache
 from jaxgpt.params import count_params, init_params, param_table
 from jaxgpt.pretrained import load_hf, save_hf
@@ -40,6 +41,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "load_hf",
+    "logprobs",
     "make_sampler",
     "param_table",
     "save_hf",
