@@ -192,6 +192,7 @@ class ChoiceItem:
     context: str
     choices: tuple[str, ...]
     label: int
+    where: str = dataclasses.field(default="", compare=False)  # "file:line", for error messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +272,7 @@ def _parse_item(row: dict, where: str, ctx_key: str, choices_key: str, label_key
         raise InputError(
             f"{where}: {label_key!r} must be an index in [0, {len(choices) - 1}], got {label!r}"
         )
-    return ChoiceItem(context, tuple(choices), label)
+    return ChoiceItem(context, tuple(choices), label, where)
 
 
 def bucket_length(n: int, cap: int) -> int:
@@ -279,14 +280,18 @@ def bucket_length(n: int, cap: int) -> int:
     return min(max(16, 1 << (n - 1).bit_length()), cap)
 
 
-def _encode_rows(items: Sequence[ChoiceItem], tokenizer: Tokenizer, max_len: int, where: str):
-    """(tokens, n_choice_tokens) per (item, choice) row; contexts cut on the left to fit."""
+def _encode_rows(items: Sequence[ChoiceItem], tokenizer: Tokenizer, max_len: int):
+    """(tokens, n_choice_tokens) per (item, choice) row; contexts cut on the left to fit.
+
+    Text is text: a literal "<|endoftext|>" in an item is encoded as characters, not as GPT-2's
+    special token (tiktoken would otherwise refuse it).
+    """
     rows: list[tuple[list[int], int]] = []
     for i, item in enumerate(items):
         try:
-            context = tokenizer.encode(item.context)
+            context = tokenizer.encode(item.context, disallowed_special=())
             for choice in item.choices:
-                ids = tokenizer.encode(" " + choice)
+                ids = tokenizer.encode(" " + choice, disallowed_special=())
                 if len(ids) >= max_len:
                     raise InputError(
                         f"a choice of {len(ids)} tokens leaves no room for context in "
@@ -295,7 +300,7 @@ def _encode_rows(items: Sequence[ChoiceItem], tokenizer: Tokenizer, max_len: int
                 keep = max_len - len(ids)
                 rows.append((context[-keep:] + ids, len(ids)))
         except JaxgptError as err:
-            raise InputError(f"{where} item {i + 1}: {err}") from err
+            raise InputError(f"{item.where or f'item {i + 1}'}: {err}") from err
     return rows
 
 
@@ -307,7 +312,6 @@ def evaluate_choices(
     *,
     batch_size: int = 16,
     progress: bool = False,
-    where: str = "items",
 ) -> ChoiceResult:
     """Score every choice of every item (see the module docstring) and the two accuracies.
 
@@ -317,12 +321,13 @@ def evaluate_choices(
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     cap = config.block_size + 1
-    rows = _encode_rows(items, tokenizer, cap, where)
+    rows = _encode_rows(items, tokenizer, cap)
     sums = np.zeros(len(rows), np.float64)
     by_length: dict[int, list[int]] = {}
     for r, (ids, _) in enumerate(rows):
         by_length.setdefault(bucket_length(len(ids), cap), []).append(r)
-    with tqdm(total=len(rows), unit="choice", desc="scoring", disable=not progress) as bar:
+    bar = tqdm(total=len(rows), unit="choice", desc="scoring", disable=not progress, leave=False)
+    with bar:
         for length, members in sorted(by_length.items()):
             for i in range(0, len(members), batch_size):
                 batch = members[i : i + batch_size]

@@ -201,6 +201,15 @@ def test_read_hellaswag_and_generic(tmp_path):
     assert read_choices(path, "mc") == [ChoiceItem("2+2 =", ("4", "5"), 0)]
 
 
+def test_choice_rows_are_context_then_spaced_choice():
+    enc = get_tokenizer("gpt2")
+    item = ChoiceItem("A man <|endoftext|> is on a roof. he", ("is ripping tiles off.", "x"), 0)
+    rows = jaxgpt.eval._encode_rows([item], enc, 1025)
+    context = enc.encode_ordinary(item.context)  # the special token's text stays text
+    assert rows[0] == (context + enc.encode_ordinary(" is ripping tiles off."), 5)
+    assert rows[1] == (context + enc.encode_ordinary(" x"), 1)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -217,6 +226,14 @@ def test_bad_items_name_file_and_line(tmp_path, bad, message):
     with pytest.raises(InputError) as err:
         read_choices(path, "hellaswag")
     assert f"{path}:3: " in str(err.value) and message in str(err.value)
+
+
+def test_untokenizable_item_names_file_and_line(tmp_path, hf_loaded):
+    config, params = hf_loaded
+    ok = {"context": "abc", "choices": ["a", "b"], "answer": 0}
+    path = write_lines(tmp_path / "mc.jsonl", ok, {**ok, "choices": ["a", "Z"]})
+    with pytest.raises(InputError, match=f"{path}:2: characters \\['Z'\\]"):
+        evaluate_choices(params, config, CharTokenizer(ALPHABET), read_choices(path, "mc"))
 
 
 # --------------------------------------------------------------------------- the command

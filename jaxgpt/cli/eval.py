@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.task is not None:
         result = evaluate_choices(
             model.params, model.config, model.tokenizer, items,
-            batch_size=args.batch_size or 16, progress=not args.quiet, where=file,
+            batch_size=args.batch_size or 16, progress=not args.quiet,
         )  # fmt: skip
         record.update(task=fmt, file=file)
         print(f"{fmt} {file}: {result.items} items ({model.source})")
