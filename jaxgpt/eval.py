@@ -50,8 +50,8 @@ def logprobs(params: Params, config: GPTConfig, tokens_BT: jax.Array) -> jax.Arr
     """`log p(tokens[:, t+1] | tokens[:, :t+1])` for t = 0 … T-2: float32 `[B, T-1]`.
 
     A pure function (jit it with `static_argnames="config"`); T ≤ block_size + 1, because the
-    last token is only a target. Computed as `logit[target] - logsumexp(logits)`, which never
-    materialises a second `[B, T, V]` array of log-softmax values.
+    last token is only a target. Computed as `logit[target] - logsumexp(logits)`: only the
+    target logits and the log-normaliser are formed, no `[B, T, V]` array of log-softmax values.
     """
     logits_BTV = forward(params, tokens_BT[:, :-1], config).astype(jnp.float32)
     targets_BT = tokens_BT[:, 1:]
@@ -70,6 +70,12 @@ def masked_logprob_sum(
 def _score_rows(
     params: Params, config: GPTConfig, tokens_BT: np.ndarray, mask_BT1: np.ndarray
 ) -> np.ndarray:
+    # Under jit an out-of-range id would be clamped silently: refuse it here, on the host.
+    if tokens_BT.max() >= config.vocab_size:
+        raise InputError(
+            f"token id {int(tokens_BT.max())} is outside the model's vocabulary "
+            f"[0, {config.vocab_size - 1}]: the tokens come from another tokenizer"
+        )
     return np.asarray(masked_logprob_sum(params, config, jnp.asarray(tokens_BT), mask_BT1))
 
 

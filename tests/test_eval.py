@@ -114,6 +114,12 @@ def test_perplexity_matches_transformers(hf_tiny, hf_loaded, char_data, n, strid
     np.testing.assert_allclose(ours.bits_per_byte, nll / math.log(2) / n_bytes, rtol=1e-4)
 
 
+def test_tokens_outside_the_vocabulary_are_refused(hf_loaded):
+    config, params = hf_loaded
+    with pytest.raises(InputError, match="token id 320 is outside"):
+        perplexity(params, config, np.array([1, 2, 320, 4]), CharTokenizer("abc"))
+
+
 def test_bits_per_byte_counts_utf8_bytes_of_bpe_tokens():
     enc = get_tokenizer("gpt2")
     text = "naïve café — 東京"
