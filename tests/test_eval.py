@@ -27,6 +27,7 @@ from jaxgpt.eval import (
 )
 from jaxgpt.params import init_params
 from jaxgpt.pretrained import load_hf, save_hf
+from jaxgpt.shards import write_shard
 from jaxgpt.tokenizer import CharTokenizer, get_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -278,6 +279,26 @@ def test_cli_data_and_task_write_json(tmp_path, capsys, gpt2_model_dir, tiny_cor
     expected = evaluate_choices(params, config, get_tokenizer(), read_choices(task, "hellaswag"))
     assert record["items"] == 2 and record["task"] == "hellaswag"
     assert record["acc"] == expected.acc and record["acc_norm"] == expected.acc_norm
+
+
+def test_cli_reads_llmc_shards(tmp_path, capsys, gpt2_model_dir):
+    enc = get_tokenizer()
+    tokens = enc.encode_ordinary("It was the best of times, it was the worst of times. " * 6)
+    write_shard(tmp_path / "val_000000.bin", tokens)
+    out = tmp_path / "shard.json"
+    argv = ["eval", "--model", str(gpt2_model_dir), "--data", str(tmp_path / "val_000000.bin"),
+            "--json", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    config, params = load_hf(gpt2_model_dir)
+    record = json.loads(out.read_text())
+    expected = perplexity(params, config, np.array(tokens), enc)
+    assert record["tokens"] == len(tokens) - 1 and record["split"] is None
+    assert record["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert record["bytes"] == len(enc.decode(tokens[1:]).encode("utf-8"))
+    capsys.readouterr()
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "val_000000.bin").read_bytes()[:-2])
+    assert main(["eval", "--model", str(gpt2_model_dir), "--data", str(tmp_path / "cut.bin")]) == 2
+    assert "truncated body" in capsys.readouterr().err
 
 
 def test_cli_checks_json_path_and_numbers_first(tmp_path, capsys):

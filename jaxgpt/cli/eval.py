@@ -15,6 +15,9 @@ from jaxgpt.config import PRESETS
 from jaxgpt.data import load_meta, load_tokens
 from jaxgpt.errors import InputError
 from jaxgpt.eval import FORMATS, check_data_tokenizer, evaluate_choices, perplexity, read_choices
+from jaxgpt.shards import read_shard
+
+GPT2_VOCAB = 50257
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"with RANDOM weights ({', '.join(PRESETS)})",
     )
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", type=Path, metavar="DIR", help="a `jaxgpt prepare` directory")
+    what.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="a `jaxgpt prepare` directory, or one llm.c / modded-nanogpt token shard (.bin)",
+    )
     what.add_argument(
         "--task",
         nargs=2,
@@ -88,11 +96,16 @@ def run(args: argparse.Namespace) -> int:
     for name in ("stride", "max_tokens", "limit", "batch_size"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     check_json_path(args.json)
+    # Read and check the input before the model loads.
     if args.task is not None:
         fmt, file = args.task
-        items = read_choices(file, fmt, limit=args.limit)  # checked before the model loads
+        items = read_choices(file, fmt, limit=args.limit)
+    elif args.data.is_file():  # an llm.c / modded-nanogpt shard: GPT-2 tokens
+        tokens, where = read_shard(args.data), str(args.data)
+        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB}
     else:
-        meta = load_meta(args.data)
+        meta, where = load_meta(args.data), str(args.data / "meta.json")
+        tokens = load_tokens(args.data, args.split)
     model = load_model(args.model)
     record: dict[str, Any] = {"model": model.source}
     if args.task is not None:
@@ -109,17 +122,17 @@ def run(args: argparse.Namespace) -> int:
         summary = {k: v for k, v in dataclasses.asdict(result).items() if k.startswith("acc")}
         record.update(items=result.items, **summary)
     else:
-        check_data_tokenizer(meta, model.tokenizer, model.config, str(args.data / "meta.json"))
-        tokens = load_tokens(args.data, args.split)
+        check_data_tokenizer(meta, model.tokenizer, model.config, where)
         if args.max_tokens is not None:
             tokens = tokens[: args.max_tokens]
         result = perplexity(
             model.params, model.config, tokens, model.tokenizer, stride=args.stride,
             batch_size=args.batch_size or 8, progress=not args.quiet,
         )  # fmt: skip
-        record.update(data=str(args.data), split=args.split, **dataclasses.asdict(result))
+        split = None if args.data.is_file() else args.split
+        record.update(data=str(args.data), split=split, **dataclasses.asdict(result))
         print(
-            f"{args.split} split of {args.data}: {result.tokens:,} tokens scored "
+            f"{f'{split} split of ' if split else ''}{args.data}: {result.tokens:,} tokens scored "
             f"({result.bytes:,} bytes), context {result.context}, stride {result.stride}"
         )
         print(
