@@ -267,8 +267,8 @@ def _parse_item(row: dict, where: str, ctx_key: str, choices_key: str, label_key
     context, choices, label = row[ctx_key], row[choices_key], row[label_key]
     if not isinstance(context, str) or not context:
         raise InputError(f"{where}: {ctx_key!r} must be a non-empty string")
-    if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
-        raise InputError(f"{where}: {choices_key!r} must be a list of non-empty strings")
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise InputError(f"{where}: {choices_key!r} must be a list of strings")
     if len(choices) < 2:
         raise InputError(f"{where}: {choices_key!r} has {len(choices)} choice(s); need at least 2")
     # HellaSwag's own files store the label as an int; the Hugging Face copy as a digit string.

@@ -227,6 +227,8 @@ def test_choice_rows_are_context_then_spaced_choice():
         ({**GOOD_HS, "label": 4}, "must be an index in [0, 3], got 4"),
         ({**GOOD_HS, "label": -1}, "got -1"),
         ([1, 2], "expected a JSON object"),
+        ({**GOOD_HS, "endings": "abcd"}, "must be a list of strings"),
+        ({**GOOD_HS, "ctx": ""}, "'ctx' must be a non-empty string"),
     ],
 )
 def test_bad_items_name_file_and_line(tmp_path, bad, message):
