@@ -96,50 +96,51 @@ def run(args: argparse.Namespace) -> int:
     for name in ("stride", "max_tokens", "limit", "batch_size"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     check_json_path(args.json)
-    # Read and check the input before the model loads.
-    if args.task is not None:
-        fmt, file = args.task
-        items = read_choices(file, fmt, limit=args.limit)
-    elif args.data.is_file():  # an llm.c / modded-nanogpt shard: GPT-2 tokens
-        tokens, where = read_shard(args.data), str(args.data)
-        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB}
-    else:
-        meta, where = load_meta(args.data), str(args.data / "meta.json")
-        tokens = load_tokens(args.data, args.split)
-    model = load_model(args.model)
-    record: dict[str, Any] = {"model": model.source}
-    if args.task is not None:
-        result = evaluate_choices(
-            model.params, model.config, model.tokenizer, items,
-            batch_size=args.batch_size or 16, progress=not args.quiet,
-        )  # fmt: skip
-        record.update(task=fmt, file=file)
-        print(f"{fmt} {file}: {result.items} items ({model.source})")
-        for name, how in (("acc", "sum"), ("acc_norm", "mean per token")):
-            err = getattr(result, f"{name}_stderr")
-            spread = f" ± {err:.4f}" if err is not None else ""
-            print(f"  {name:<9}{getattr(result, name):.4f}{spread}  (log-probability {how})")
-        summary = {k: v for k, v in dataclasses.asdict(result).items() if k.startswith("acc")}
-        record.update(items=result.items, **summary)
-    else:
-        check_data_tokenizer(meta, model.tokenizer, model.config, where)
-        if args.max_tokens is not None:
-            tokens = tokens[: args.max_tokens]
-        result = perplexity(
-            model.params, model.config, tokens, model.tokenizer, stride=args.stride,
-            batch_size=args.batch_size or 8, progress=not args.quiet,
-        )  # fmt: skip
-        split = None if args.data.is_file() else args.split
-        record.update(data=str(args.data), split=split, **dataclasses.asdict(result))
-        print(
-            f"{f'{split} split of ' if split else ''}{args.data}: {result.tokens:,} tokens scored "
-            f"({result.bytes:,} bytes), context {result.context}, stride {result.stride}"
-        )
-        print(
-            f"  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
-            f"bits per byte {result.bits_per_byte:.4f}"
-        )
+    record = run_task(args) if args.task is not None else run_data(args)
     if args.json is not None:
         write_json(args.json, record)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def run_task(args: argparse.Namespace) -> dict[str, Any]:
+    fmt, file = args.task
+    items = read_choices(file, fmt, limit=args.limit)  # checked before the model loads
+    model = load_model(args.model)
+    result = evaluate_choices(
+        model.params, model.config, model.tokenizer, items,
+        batch_size=args.batch_size or 16, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"{fmt} {file}: {result.items} items ({model.source})")
+    for name, how in (("acc", "sum"), ("acc_norm", "mean per token")):
+        err = getattr(result, f"{name}_stderr")
+        spread = f" ± {err:.4f}" if err is not None else ""
+        print(f"  {name:<9}{getattr(result, name):.4f}{spread}  (log-probability {how})")
+    summary = {k: v for k, v in dataclasses.asdict(result).items() if k.startswith("acc")}
+    return {"model": model.source, "task": fmt, "file": file, "items": result.items, **summary}
+
+
+def run_data(args: argparse.Namespace) -> dict[str, Any]:
+    # Read and check the tokens before the model loads.
+    if args.data.is_file():  # an llm.c / modded-nanogpt shard: GPT-2 tokens
+        split, where, tokens = None, str(args.data), read_shard(args.data)
+        meta = {"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB}
+    else:
+        split, where, meta = args.split, str(args.data / "meta.json"), load_meta(args.data)
+        tokens = load_tokens(args.data, split)
+    model = load_model(args.model)
+    check_data_tokenizer(meta, model.tokenizer, model.config, where)
+    result = perplexity(
+        model.params, model.config, tokens[: args.max_tokens], model.tokenizer,
+        stride=args.stride, batch_size=args.batch_size or 8, progress=not args.quiet,
+    )  # fmt: skip
+    print(
+        f"{f'{split} split of ' if split else ''}{args.data}: {result.tokens:,} tokens scored "
+        f"({result.bytes:,} bytes), context {result.context}, stride {result.stride}"
+    )
+    print(
+        f"  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
+        f"bits per byte {result.bits_per_byte:.4f}"
+    )
+    record = {"model": model.source, "data": str(args.data), "split": split}
+    return record | dataclasses.asdict(result)
