@@ -61,6 +61,16 @@ def test_logprobs_match_transformers(hf_tiny, hf_loaded, tiny_tokens):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
 
 
+def test_minus_mean_logprobs_is_the_training_loss(hf_loaded, tiny_tokens):
+    from jaxgpt.train import loss_fn
+
+    config, params = hf_loaded
+    tokens = jnp.asarray(tiny_tokens)
+    ours = -jax.jit(jaxgpt.logprobs, static_argnames="config")(params, config, tokens).mean()
+    training = jax.jit(loss_fn, static_argnames="config")(params, tokens, config, None)
+    np.testing.assert_allclose(ours, training, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- perplexity
 
 
