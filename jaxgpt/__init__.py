@@ -24,6 +24,7 @@ from jaxgpt.errors import (
     MissingExtraError,
     TokenizerError,
 )
+from jaxgpt.eval import logprobs
 from jaxgpt.experiment import Experiment, load_experiment
 from jaxgpt.flops import flops_per_token
 from jaxgpt.model import forward, forward_cached, init_cache
@@ -62,6 +63,7 @@ __all__ = [
     "load_experiment",
     "load_hf",
     "load_model",
+    "logprobs",
     "make_sampler",
     "param_table",
     "prepare",

@@ -14,7 +14,7 @@ from typing import NoReturn
 from jaxgpt.errors import JaxgptError
 
 # Subcommand modules, in the order `jaxgpt --help` lists them.
-COMMANDS = ("prepare", "train", "sample", "chat", "trace", "plot", "params", "bench")
+COMMANDS = ("prepare", "train", "eval", "sample", "chat", "trace", "plot", "params", "bench")
 
 
 class OneLineParser(argparse.ArgumentParser):

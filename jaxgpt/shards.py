@@ -1,0 +1,81 @@
+"""Token shards in the format of llm.c and modded-nanogpt (`fineweb_train_000001.bin` ...).
+
+One shard is a header and a body, both little-endian:
+
+    header  256 × int32   [0] magic 20240520, [1] version 1, [2] number of tokens N, rest 0
+    body    N × uint16    GPT-2 token ids (documents separated by <|endoftext|>, 50256)
+
+(llm.c's Llama-3 shards use another magic, 20240801, and uint32 tokens; they are refused here.)
+`read_shard` memory-maps the body after checking the header against the file's size, so a shard
+cut short by an interrupted download is an error, never a silently shorter stream.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxgpt.errors import InputError
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.dtype("<u2")
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The tokens of one shard: a read-only uint16 array of length N, memory-mapped."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            raw = handle.read(HEADER_BYTES)
+    except OSError as err:
+        raise InputError(f"cannot read token shard {path}: {err}") from err
+    header = np.frombuffer(raw[: len(raw) // 4 * 4], dtype="<i4")
+    if not len(header) or header[0] != MAGIC:
+        found = f"magic {int(header[0])}" if len(header) else "an empty file"
+        raise InputError(
+            f"{path} is not an llm.c GPT-2 token shard: {found}, expected magic {MAGIC}"
+        )
+    if size < HEADER_BYTES:
+        raise InputError(f"{path}: truncated header ({size} bytes, expected {HEADER_BYTES})")
+    if header[1] != VERSION:
+        raise InputError(
+            f"{path}: token shard version {int(header[1])} is not supported (expected {VERSION}: "
+            "uint16 GPT-2 tokens)"
+        )
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + n_tokens * TOKEN_DTYPE.itemsize
+    if n_tokens < 0 or size != expected:
+        body = size - HEADER_BYTES
+        what = "truncated body" if size < expected else "unexpected bytes after the body"
+        raise InputError(
+            f"{path}: {what}: the header says {n_tokens:,} tokens ({expected - HEADER_BYTES:,} "
+            f"bytes), the file holds {body:,} bytes after the header"
+        )
+    if n_tokens == 0:  # numpy cannot map zero bytes
+        return np.zeros(0, TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write `tokens` (ids < 65536) as one shard; the file appears complete or not at all."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16)):
+        raise InputError("a token shard holds a 1-D array of token ids in [0, 65535]")
+    if len(tokens) >= 1 << 31:
+        raise InputError(f"a token shard holds fewer than 2**31 tokens, got {len(tokens):,}")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(tokens.astype(TOKEN_DTYPE).tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
