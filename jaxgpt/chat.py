@@ -81,12 +81,13 @@ def chat_tokens(tokenizer: Tokenizer) -> ChatTokens:
     return ChatTokens(*(tokenizer.encode_single_token(t) for t in CHAT_TOKENS))
 
 
-def check_messages(messages: Any) -> list[Message]:
+def check_messages(messages: Any, *, training: bool = False) -> list[Message]:
     """Validate a conversation's structure; returns it as a list.
 
     Raises ChatFormatError naming the first problem: not a non-empty list, a message that is not
     `{"role", "content"}`, an unknown role, non-string content, a system message after the first,
-    a conversation not starting with a user turn, or two user (or assistant) turns in a row.
+    a conversation not starting with a user turn, two user (or assistant) turns in a row, or,
+    for `training`, no assistant turn (nothing to train on).
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ChatFormatError(
@@ -120,6 +121,8 @@ def check_messages(messages: Any) -> list[Message]:
                 f"messages {n} and {n + 1} are both {role} turns; user and assistant turns must "
                 f"alternate"
             )
+    if training and not any(m["role"] == "assistant" for m in messages):
+        raise ChatFormatError("the conversation has no assistant turn: nothing to train on")
     return list(messages)
 
 
@@ -128,7 +131,9 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _render(messages: list[Message], tokenizer: Tokenizer, ids_of: ChatTokens):
+def _render(
+    messages: list[Message], tokenizer: Tokenizer, ids_of: ChatTokens
+) -> tuple[list[int], list[int]]:
     """(ids, mask) of complete turns."""
     ids, mask = [ids_of.bos], [0]
     for message in messages:
@@ -139,14 +144,14 @@ def _render(messages: list[Message], tokenizer: Tokenizer, ids_of: ChatTokens):
     return ids, mask
 
 
-def render_conversation(messages: Sequence[Message], tokenizer: Tokenizer):
+def render_conversation(
+    messages: Sequence[Message], tokenizer: Tokenizer
+) -> tuple[list[int], list[int]]:
     """A conversation → `(ids, mask)`, two equally long lists of ints (see the module docstring).
 
     The conversation needs at least one assistant turn (otherwise nothing would be trained).
     """
-    messages = check_messages(messages)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ChatFormatError("the conversation has no assistant turn: nothing to train on")
+    messages = check_messages(messages, training=True)
     return _render(messages, tokenizer, chat_tokens(tokenizer))
 
 
@@ -233,10 +238,7 @@ def conversation_from_record(record: Any) -> list[Message]:
             f'no "messages" (nor "instruction" + "output", nor "prompt" + "response") among the '
             f"keys {sorted(record)[:8]}"
         )
-    messages = check_messages(messages)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ChatFormatError("the conversation has no assistant turn: nothing to train on")
-    return messages
+    return check_messages(messages, training=True)
 
 
 def read_conversations(path: str | Path) -> Iterator[list[Message]]:
