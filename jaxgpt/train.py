@@ -640,8 +640,8 @@ def end_of_training_sample(
 ) -> str:
     """Text sampled from the trained model with the experiment's eval.sample_* settings.
 
-    Uses the KV-cache decoder (`jaxgpt.decode.generate`). A sample longer than the context is
-    made in chunks of half a block, each continuing from the last half block of text.
+    Uses the KV-cache decoder (`jaxgpt.decode.generate`); a sample longer than the context
+    slides the window by the policy documented in `jaxgpt.decode`.
     """
     from jaxgpt.decode import generate
 
@@ -653,15 +653,9 @@ def end_of_training_sample(
             prompt_ids = tokenizer.encode(prompt)
         except JaxgptError:
             prompt_ids = tokenizer.encode(tokenizer.decode([0]))
-    chunk = max(1, config.block_size // 2)
-    key = jax.random.key(exp.schedule.seed)
-    new_ids: list[int] = []
-    while len(new_ids) < exp.eval.sample_tokens:
-        n = min(chunk, exp.eval.sample_tokens - len(new_ids))
-        context = (list(prompt_ids) + new_ids)[-(config.block_size - chunk) :] or [0]
-        out = generate(
-            params, config, context, n, key=jax.random.fold_in(key, len(new_ids)),
-            temperature=exp.eval.temperature, top_k=exp.eval.top_k or None,
-        )  # fmt: skip
-        new_ids += list(out[len(context) :])
-    return tokenizer.decode(list(prompt_ids) + new_ids)
+    out = generate(
+        params, config, list(prompt_ids) or [0], exp.eval.sample_tokens, slide=True,
+        key=jax.random.key(exp.schedule.seed), temperature=exp.eval.temperature,
+        top_k=exp.eval.top_k or None,
+    )  # fmt: skip
+    return tokenizer.decode(out)

@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from jaxgpt.cli import main
+from jaxgpt.cli.bench import format_rows, human
 
 COMMON_KEYS = {
     "workload", "compile_s", "spread", "tokens_per_s", "peak_mem_gb", "peak_tflops", "device",
@@ -88,3 +89,31 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, message):
     last = err.strip().splitlines()[-1]
     assert last.startswith("jaxgpt bench: error:") and message in last
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (497123.4, "497,100"),
+        (4.971e05, "497,100"),
+        (999.96, "1,000"),
+        (12.3456, "12.35"),
+        (0.00123, "0.00123"),
+        (1.234e-05, "1.234e-05"),
+        (124439808, "124,439,808"),
+        (8, "8"),
+        (-2500.0, "-2,500"),
+        (0.0, "0"),
+    ],
+)
+def test_numbers_are_human_readable(value, text):
+    assert human(value) == text
+
+
+def test_table_prints_readable_numbers():
+    table = format_rows([{"model": "gpt2", "batch": 8, "tokens_per_s": 497123.4, "mfu": 0.0123}])
+    header, rule, row = table.splitlines()
+    assert header.split() == ["model", "batch", "tokens_per_s", "mfu"]
+    assert set(rule) == {"-"}
+    assert row.split() == ["gpt2", "8", "497,100", "0.0123"]
+    assert "e+" not in table

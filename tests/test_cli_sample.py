@@ -1,12 +1,19 @@
-"""`jaxgpt sample` through `jaxgpt.cli.main`: output, seeding, and one-line errors (exit code 2)."""
+"""`jaxgpt sample` through `jaxgpt.cli.main`: output, seeding, streaming, the sliding window
+beyond the context, and one-line errors (exit code 2)."""
+
+import io
 
 import jax
+import numpy as np
 import pytest
 
 from jaxgpt.cli import main
+from jaxgpt.cli.sample import print_stream
 from jaxgpt.config import GPTConfig
+from jaxgpt.decode import generate
 from jaxgpt.params import init_params
-from jaxgpt.pretrained import save_hf
+from jaxgpt.pretrained import load_hf, save_hf
+from jaxgpt.tokenizer import get_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +92,6 @@ def test_preset_says_random_weights(capsys):
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--num-samples", "0"], "--num-samples"),
         (["--prompt", ""], "prompt is empty"),
-        (["--max-new-tokens", "40"], "block_size 32"),
         (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file"),
     ],
 )
@@ -103,3 +109,43 @@ def test_missing_model_exits_2(capsys, tmp_path):
     a_file.write_text("not a model")
     code, _, err = sample(capsys, "--model", str(a_file), "--prompt", "x")
     assert code == 2 and err.startswith("jaxgpt sample: error:") and "is a file" in err
+
+
+def test_longer_than_the_context_slides_the_window(capsys, hf_dir):
+    """60 new tokens from a model with a 32-token context: the documented sliding-window policy
+    (`generate(..., slide=True)`), streamed and not streamed alike."""
+    argv = ["--model", hf_dir, "--prompt", "Hello world", "--temperature", "0",
+            "--max-new-tokens", "60"]  # fmt: skip
+    code, out, err = sample(capsys, *argv)
+    assert code == 0, err
+    assert "exceed the context of 32 tokens" in err
+    enc = get_tokenizer("gpt2")
+    config, params = load_hf(hf_dir)
+    prompt = enc.encode("Hello world")
+    expected = generate(params, config, prompt, 60, temperature=0, eos_id=enc.eot_token, slide=True)
+    assert len(expected) > 32  # the window did slide (no early EOS)
+    assert out == enc.decode(expected) + "\n"
+    assert sample(capsys, *argv, "--no-stream")[1] == out
+
+
+def test_print_stream_writes_each_chunk_as_it_arrives(monkeypatch):
+    """Each chunk is on stdout before the next is asked for; a character split across two
+    byte-level tokens ("ñ" = c3 b1) is printed once complete; the text equals decode()."""
+    enc = get_tokenizer("gpt2")
+    stdout = io.StringIO()
+    monkeypatch.setattr("sys.stdout", stdout)
+    prompt = enc.encode("Hola")
+    chunks = [[enc.encode(" ma")[0]], [enc.encode_single_token(b"\xc3")],
+              [enc.encode_single_token(b"\xb1"), enc.encode("ana")[0]]]  # fmt: skip
+    seen = []
+
+    def stream():
+        for chunk in chunks:
+            seen.append(stdout.getvalue())
+            yield np.asarray([chunk])
+
+    n_new = print_stream(enc, prompt, stream())
+    assert seen == ["Hola", "Hola ma", "Hola ma"]  # the lone c3 byte waits for its partner
+    new = [t for chunk in chunks for t in chunk]
+    assert stdout.getvalue() == enc.decode(prompt + new) + "\n" == "Hola mañana\n"
+    assert n_new == 4

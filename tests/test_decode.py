@@ -1,5 +1,6 @@
 """Generation: cached decoding vs naive re-running of `forward`, parity with transformers'
-`generate`, ragged batches, EOS, seeding, pluggable samplers, and bad input."""
+`generate`, ragged batches, EOS, seeding, pluggable samplers, streaming, early stop, the
+cache-reuse pieces (`extend`, `decode_steps`), the sliding window, and bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,16 @@ import numpy as np
 import pytest
 from flax import struct
 
-from jaxgpt.decode import decode_padded, generate
+from jaxgpt.decode import (
+    DecodeState,
+    decode_padded,
+    decode_steps,
+    extend,
+    generate,
+    stream_generate,
+)
 from jaxgpt.errors import InputError
+from jaxgpt.model import init_cache
 from jaxgpt.pretrained import load_hf
 from jaxgpt.sampling import make_sampler
 
@@ -143,6 +152,7 @@ def test_custom_sampler(model, prompts):
         ([1, 2], dict(top_p=1.01), "top_p"),
         ([1, 2], dict(max_new_tokens=0), "max_new_tokens"),
         ([1] * 30, dict(max_new_tokens=40), "keep only the last 24 prompt tokens"),
+        ([1] * 30, dict(max_new_tokens=40), "slide=True"),
         ([1, 2], dict(eos_id=999), "eos_id"),
         (np.zeros((1, 2, 3), np.int32), {}, "1-D"),
         ("hello", {}, "token ids"),
@@ -176,3 +186,149 @@ def test_decode_loop_never_copies_the_kv_cache(model, prompts):
     assert cache_shape in hlo  # the check below looks for the right shape
     copies = [line for line in hlo.splitlines() if f"= {cache_shape}" in line and " copy(" in line]
     assert copies == []
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def hf_greedy(hf_model, prompts, n_new):
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        return hf_model.generate(
+            torch.tensor(prompts, dtype=torch.long),
+            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+            do_sample=False, max_new_tokens=n_new, eos_token_id=None, pad_token_id=0,
+        ).numpy()  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_greedy_stream_equals_generate_equals_transformers(hf_tiny, model, prompts, chunk):
+    config, params = model
+    pieces = list(stream_generate(params, config, prompts, N_NEW, temperature=0, chunk=chunk))
+    # Chunk 1: the first token (prefill), then one token per compiled call.
+    assert pieces[0].shape == (2, 1)
+    assert [p.shape[1] for p in pieces[1:]] == [chunk] * ((N_NEW - 1) // chunk) + (
+        [(N_NEW - 1) % chunk] if (N_NEW - 1) % chunk else []
+    )
+    streamed = np.concatenate([prompts, *pieces], axis=1)
+    np.testing.assert_array_equal(streamed, generate(params, config, prompts, N_NEW, temperature=0))
+    np.testing.assert_array_equal(streamed, hf_greedy(hf_tiny[0], prompts, N_NEW))
+
+
+def test_sampled_stream_equals_generate(model, prompts):
+    config, params = model
+    key = jax.random.key(5)
+    pieces = stream_generate(params, config, prompts, N_NEW, key=key, top_k=20, chunk=7)
+    np.testing.assert_array_equal(
+        np.concatenate([prompts, *pieces], axis=1),
+        generate(params, config, prompts, N_NEW, key=key, top_k=20),
+    )
+
+
+def test_stream_stops_when_every_row_has_finished(model, prompts):
+    config, params = model
+    free = generate(params, config, prompts[:1], N_NEW, temperature=0)[0, 12:].tolist()
+    # The EOS: the first new token that did not appear earlier, at least 10 tokens in.
+    at = next(i for i in range(10, N_NEW) if free[i] not in free[:i])
+    pieces = list(stream_generate(params, config, prompts[:1], N_NEW, temperature=0, chunk=4,
+                                  eos_id=free[at]))  # fmt: skip
+    streamed = np.concatenate(pieces, axis=1)[0].tolist()
+    assert streamed == free[: at + 1]  # stopped right after the EOS, inside a chunk
+    # A batch whose rows all finish at the first token: nothing more is computed.
+    pieces = stream_generate(
+        params, config, prompts, N_NEW, sampler=AlwaysToken(9), eos_id=9, chunk=4
+    )
+    assert sum(p.shape[1] for p in pieces) == 1
+
+
+def test_decode_steps_counts_the_steps_it_ran(model, prompts):
+    """The loop is a `lax.while_loop`: after every row's EOS no further step is computed."""
+    config, params = model
+    free = generate(params, config, prompts, N_NEW, temperature=0)[:, 12:]
+    # The EOS: the first token of row 0 from new-token index 10 on that neither row emitted
+    # before; row 1 emits it later or never.
+    at = next(i for i in range(10, N_NEW) if free[0, i] not in free[:, :i])
+    eos = int(free[0, at])
+    row1 = free[1].tolist()
+    last = max(at, row1.index(eos) if eos in row1 else N_NEW)
+
+    def run(eos_id):
+        cache = init_cache(config, 2, 12 + N_NEW)
+        logits_BV, cache = extend(params, config, cache, 0, prompts)
+        token_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+        done_B = token_B == (-1 if eos_id is None else eos_id)
+        state = DecodeState(cache, token_B, done_B, jnp.int32(12), jnp.zeros(2, jnp.int32))
+        return decode_steps(params, config, state, N_NEW - 1, sampler=make_sampler(0.0),
+                            eos_id=eos_id)  # fmt: skip
+
+    _, out, steps = run(None)
+    assert int(steps) == N_NEW - 1
+    np.testing.assert_array_equal(out, free[:, 1:])
+    _, out, steps = run(eos)
+    if last < N_NEW:
+        assert int(steps) == last  # step i produces new token i + 1
+    np.testing.assert_array_equal(out[0, :at], free[0, 1 : at + 1])
+
+
+# --------------------------------------------------------------------------- cache reuse (chat)
+
+
+def test_extend_continues_a_cache_without_recomputing_it(model, jit_forward):
+    """Turn 1 prefilled, then turn 2 appended at the next slot: the logits and the greedy
+    continuation equal those of the whole conversation run at once."""
+    config, params = model
+    rng = np.random.RandomState(7)
+    turn1, turn2 = rng.randint(1, 320, (1, 9)), rng.randint(1, 320, (1, 6))
+    whole = np.concatenate([turn1, turn2], axis=1)
+    cache = init_cache(config, 1, config.block_size)
+    logits1, cache = extend(params, config, cache, 0, turn1)
+    logits2, cache = extend(params, config, cache, 9, turn2)
+    reference = jit_forward(params, jnp.asarray(whole), config)
+    np.testing.assert_allclose(logits1, reference[:, 8], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits2, reference[:, 14], atol=1e-4, rtol=1e-4)
+    token = jnp.argmax(logits2, -1).astype(jnp.int32)
+    first = int(token[0])  # read it now: decode_steps donates the state (token included)
+    state = DecodeState(cache, token, jnp.zeros(1, bool), jnp.int32(15), jnp.zeros(1, jnp.int32))
+    state, out, _ = decode_steps(params, config, state, 8, sampler=make_sampler(0.0))
+    expected = generate(params, config, whole, 9, temperature=0)[0, 15:]
+    assert [first, *np.asarray(out[0]).tolist()] == expected.tolist()
+    assert int(state.slot) == 15 + 8
+    with pytest.raises(InputError, match="do not fit"):
+        extend(params, config, state.cache, int(state.slot), np.ones((1, 50), np.int32))
+
+
+# --------------------------------------------------------------------------- sliding window
+
+
+def windowed_reference(params, config, prompt, n_new, sampler, key, jit_forward):
+    """The documented policy, token by token with the full `forward`: the model sees the
+    sequence from `start`; when that reaches block_size tokens, `start` moves so that the last
+    block_size // 2 tokens remain."""
+    S, keep = config.block_size, config.block_size // 2
+    seq = list(prompt)
+    start = 0 if len(seq) < S else len(seq) - keep
+    keys = jax.random.split(key, n_new) if key is not None else [None] * n_new
+    for i in range(n_new):
+        if len(seq) - start >= S:
+            start = len(seq) - keep
+        window = seq[start:]
+        buf = np.zeros((1, S), np.int32)  # right-padded to one shape: one compilation
+        buf[0, : len(window)] = window
+        logits = jit_forward(params, jnp.asarray(buf), config)[:, len(window) - 1]
+        seq.append(int(sampler(logits, keys[i])[0]))
+    return seq
+
+
+# Prompt 12 + 84 new: 52 tokens fill the context of 64, then a window from the last 32 gives 32.
+# Prompt 70 (longer than the context): two windows of 32 + 32, each from the last 32 tokens.
+@pytest.mark.parametrize("prompt_len, n_new, seed", [(12, 84, None), (70, 64, 3)])
+def test_sliding_window_follows_the_policy(model, jit_forward, prompt_len, n_new, seed):
+    config, params = model  # block_size 64
+    prompt = np.random.RandomState(8).randint(1, 320, prompt_len).tolist()
+    sampler = make_sampler(0.0 if seed is None else 1.0, 20)
+    key = None if seed is None else jax.random.key(seed)
+    ours = generate(params, config, prompt, n_new, sampler=sampler, key=key, slide=True)
+    assert ours == windowed_reference(params, config, prompt, n_new, sampler, key, jit_forward)
+    if seed is None:
+        streamed = stream_generate(params, config, prompt, n_new, temperature=0, slide=True)
+        assert prompt + np.concatenate(list(streamed), axis=1)[0].tolist() == ours

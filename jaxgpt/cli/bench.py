@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,15 +41,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def human(value: float | int) -> str:
+    """A number as a person reads it: 4 significant digits, thousands separated.
+
+    497123.4 → "497,100"; 1234.5 → "1,234"; 12.3456 → "12.35"; 0.00123 → "0.00123";
+    integers in full: 124439808 → "124,439,808". Below 1e-4 the exponent stays: "1.234e-05".
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value) or value == 0:
+        return f"{value:g}"
+    rounded = float(f"{value:.4g}")
+    return f"{rounded:,.0f}" if abs(rounded) >= 1000 else f"{value:.4g}"
+
+
 def format_rows(rows: list[dict]) -> str:
-    """A plain-text table of the rows (union of their keys, floats to 4 significant digits)."""
+    """A plain-text table of the rows (union of their keys, numbers through `human`)."""
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
 
     def cell(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return human(v)
         return "" if v is None else str(v)
 
     table = [keys] + [[cell(row.get(k)) for k in keys] for row in rows]
