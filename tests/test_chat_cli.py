@@ -176,8 +176,8 @@ def trained_pretraining_run(tmp_path_factory, tiny_corpus):
 
     root = tmp_path_factory.mktemp("pre")
     path = root / "tiny.py"
-    path.write_text(TINY_EXPERIMENT.format(source=str(tiny_corpus), steps=2, eval_interval=2,
-                                           ckpt_interval=2))  # fmt: skip
+    path.write_text(TINY_EXPERIMENT.format(source=str(tiny_corpus), steps=6, eval_interval=6,
+                                           ckpt_interval=6))  # fmt: skip
     run(load_experiment(str(path)), run_dir=root / "run", data_root=root / "data",
         progress=False, sample=False)  # fmt: skip
     return root / "run"
