@@ -44,6 +44,7 @@ from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, grow_vocab, init_params
 from jaxgpt.tokenizer import Tokenizer
 
+HELD_OUT_EVAL = 200  # held-out arithmetic problems scored at each evaluation (500 at the end)
 # Changing these does not change what the model computes, so a run may resume with new values.
 # The mesh too: checkpoints restore into whatever layout the resumed run uses.
 RESUMABLE_KEYS = ("eval.", "checkpoint.", "parallel.", "name")
@@ -434,11 +435,17 @@ def run(
     schedule = lr_of(exp)
 
     def evaluate(params: Params) -> dict[str, float]:
-        """Mean loss per split over its fixed batches, each weighted by the tokens it scores."""
+        """Mean loss per split over its fixed batches, each weighted by the tokens it scores;
+        for the arithmetic demo also the greedy accuracy on 200 held-out problems."""
         out = {}
         for split, fixed in eval_batches.items():
             loss_N, weight_N = np.asarray(jax.device_get([eval_loss(params, b) for b in fixed])).T
             out[f"{split}_loss"] = float((loss_N * weight_N).sum() / max(weight_N.sum(), 1.0))
+        if exp.data.source == "arithmetic" and jax.process_count() == 1:
+            from jaxgpt import arithmetic
+
+            scored = arithmetic.evaluate_model(params, config, tokenizer, n=HELD_OUT_EVAL)
+            out["held_out_acc"] = scored["accuracy"]
         return out
 
     flops_per_token = flops.flops_per_token(config, T, training=True)
