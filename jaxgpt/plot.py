@@ -78,7 +78,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    scored = [r for r in evals if "held_out_acc" in r]
+    if scored:  # the arithmetic demo: held-out accuracy on a second axis
+        acc_ax = ax.twinx()
+        acc_steps = [r["step"] for r in scored]
+        acc = [100 * r["held_out_acc"] for r in scored]
+        (line,) = acc_ax.plot(acc_steps, acc, "^-", color="tab:green")
+        acc_ax.set_ylabel("held-out accuracy (%)")
+        acc_ax.set_ylim(0, 100)
+        handles, labels = [*handles, line], [*labels, "held-out accuracy (A ≡ B mod 7)"]
+    ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
