@@ -171,7 +171,7 @@ def evaluate_model(
     n: int = 500,
     seed: int = 1,
     batch_size: int = 100,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 40,
 ) -> dict[str, Any]:
     """Greedy replies of a chat model to `n` held-out problems, scored by `verify`.
 
