@@ -13,6 +13,7 @@ uninterrupted run would have seen, and each process of a multi-process run reads
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,13 @@ def chat_source(
 
     docs = {split: chat_data.load_documents(data_dir, split) for split in ("train", "val")}
     chat_data.describe_mask(docs["train"], block_size + 1, f"{data_dir} (train)")
+    first = packing.get_packed_batch(docs["train"], batch_size, block_size, seed, 0, accum=accum)
+    trained = packing.loss_weights(first["mask"], first["segments"])
+    print(
+        f"  a step trains {int(trained.sum()):,} of its {trained.size:,} predictions "
+        f"({100 * trained.mean():.1f}%)",
+        file=sys.stderr,
+    )
 
     def train(step: int, rows: Rows) -> dict[str, np.ndarray]:
         return packing.get_packed_batch(docs["train"], batch_size, block_size, seed, step,

@@ -504,6 +504,7 @@ def run(
         log({
             "kind": "train", "step": s, "loss": last_loss,
             "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(schedule(s - 1)),
+            "trained_tokens": int(fetched[-1]["trained_tokens"]),
             "tokens": s * exp.tokens_per_step, "elapsed_s": round(elapsed(), 3),
             "tok_per_s": tok_s, "mfu": mfu,
         })  # fmt: skip
