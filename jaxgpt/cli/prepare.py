@@ -1,4 +1,5 @@
-"""`jaxgpt prepare SOURCE OUT_DIR`: tokenise a corpus into train.bin / val.bin / meta.json."""
+"""`jaxgpt prepare SOURCE OUT_DIR`: tokenise a corpus into train.bin / val.bin / meta.json, or
+(`--format chat`) render a chat data set into token, mask and offset files."""
 
 from __future__ import annotations
 
@@ -14,11 +15,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tokenise a corpus into train/val token files",
         description="Tokenise a corpus (the bundled Shakespeare plays, a .txt file or a "
         "directory of .txt files) into OUT_DIR/train.bin, val.bin and meta.json, streaming it "
-        "in pieces. Pieces go to train or val by a seeded draw, so the split is reproducible.",
+        "in pieces. Pieces go to train or val by a seeded draw, so the split is reproducible. "
+        "With --format chat, SOURCE is a .jsonl chat data set (or a directory of them, or "
+        "'arithmetic' for the generated demo): each conversation is rendered with the chat "
+        "tokens and the mask of what the assistant says (docs/chat.md).",
     )
     parser.add_argument("source", metavar="SOURCE", help=f"{BUNDLED!r}, a .txt file or a dir")
     parser.add_argument("out", metavar="OUT_DIR", type=Path, help="where the token files go")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
+    parser.add_argument(
+        "--format", choices=["text", "chat"], default="text",
+        help="'text': a corpus trained on every token (default); 'chat': conversations",
+    )  # fmt: skip
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (0.1)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (0)")
     parser.add_argument(
@@ -34,6 +42,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "chat":
+        from jaxgpt.chat_data import prepare_chat
+
+        meta = prepare_chat(
+            args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+            split_seed=args.split_seed, progress=not args.quiet,
+        )  # fmt: skip
+        print(
+            f"{args.out}: {meta['train_conversations']:,} train and {meta['val_conversations']:,}"
+            f" val conversations, {meta['train_trained_tokens']:,} of {meta['train_tokens']:,} "
+            f"train tokens said by the assistant ({meta['tokenizer']}, vocabulary "
+            f"{meta['vocab_size']})"
+        )
+        return 0
     meta = prepare(
         args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
         split_seed=args.split_seed, split_chunk=args.split_chunk, errors=args.errors,
