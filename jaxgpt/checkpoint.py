@@ -17,6 +17,7 @@ process killed while saving leaves the previous checkpoint as the latest good on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -70,10 +71,16 @@ def open_reader(run_dir: str | Path) -> ocp.CheckpointManager:
     """A read-only CheckpointManager for inference: it creates, cleans and deletes nothing, so a
     training process may be writing a checkpoint into the same run at the same moment."""
     options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False
+        read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0
     )
     directory = Path(run_dir).resolve() / CHECKPOINT_DIR
-    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns that the directory is read-only: as intended
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+    finally:
+        absl.setLevel(level)
 
 
 def save(
