@@ -9,9 +9,13 @@ A run directory holds::
     loss.png            the loss curve, written at the end (or by `jaxgpt plot`)
     checkpoints/<step>/ orbax checkpoints: the train state (step, params, optimiser state) and
                         the data loader's state; the last `keep` and the best-val are kept
+    old-<UTC time>/     what `--fresh` or a NaN loss set aside (nothing is ever deleted), with
+                        copies of the run files, so it loads as a run directory itself
 
 Orbax writes each checkpoint into a temporary directory and renames it only when complete, so a
-process killed while saving leaves the previous checkpoint as the latest good one.
+process killed while saving leaves the previous checkpoint as the latest good one. The training
+process is the only writer (`open_manager`); readers use `open_reader`, which creates, cleans and
+deletes nothing.
 """
 
 from __future__ import annotations

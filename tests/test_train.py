@@ -42,6 +42,7 @@ from jaxgpt.train import (
     initial_params,
     jit_train_step,
     loss_fn,
+    lr_of,
     make_train_step,
     run,
 )
@@ -328,7 +329,9 @@ def test_corpus_smaller_than_a_block(tmp_path, tiny_experiment_file, capsys):
 
 def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_corpus):
     """`model.init=<HF dir>`: the run starts from those weights — its first logged loss is
-    transformers' loss on the same first batch — trains them, and saves a run that loads back."""
+    transformers' loss on the same first batch — and trains them as PyTorch's AdamW would: the
+    losses of steps 2-4 are those of the same model trained by torch with the same schedule,
+    clipping and decay mask. The saved run loads back."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -351,13 +354,35 @@ def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_corpus):
     result = run(exp, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
 
     losses = [r["loss"] for r in read_metrics(result.run_dir) if r["kind"] == "train"]
+    assert len(losses) == 4
     train_tokens = data.load_tokens(tmp_path / "data" / "tiny_bpe", "train")
-    first_BT1 = torch.tensor(data.get_batch(train_tokens, 2, 16, exp.data.seed, 0)[0]).long()
-    with torch.no_grad():
-        logits = hf(first_BT1[:, :-1]).logits
-    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), first_BT1[:, 1:].ravel())
-    assert losses[0] == pytest.approx(hf_loss.item(), rel=1e-5)
-    assert len(losses) == 4 and losses[-1] != losses[0]
+
+    # The reference: torch's AdamW on the transformers model, step for step. Metrics at step s
+    # are the loss before update s; update s uses the schedule's lr(s - 1).
+    lr_at = lr_of(exp)
+    params = list(hf.parameters())  # the tied wte / lm_head weight once
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": exp.optim.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=0.0, betas=(exp.optim.beta1, exp.optim.beta2), eps=exp.optim.eps,
+    )  # fmt: skip
+    torch_losses = []
+    for s in range(4):
+        batch_BT1 = torch.tensor(data.get_batch(train_tokens, 2, 16, exp.data.seed, s)[0]).long()
+        logits = hf(batch_BT1[:, :-1]).logits
+        targets = batch_BT1[:, 1:].ravel()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), targets)
+        torch_losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, exp.optim.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = float(lr_at(s))
+        opt.step()
+    assert losses[0] == pytest.approx(torch_losses[0], rel=1e-5)  # the imported weights
+    # Update 1 has lr 0 (warmup from 0); updates 2 and 3 move the weights by ~lr each.
+    assert losses[3] < losses[1] - 0.05  # it learns (the updates are not noise)
+    np.testing.assert_allclose(losses, torch_losses, rtol=2e-4)
 
     loaded = load_model(str(result.run_dir))
     assert loaded.tokenizer.name == "gpt2"
