@@ -201,3 +201,21 @@ def test_resume_with_dropout_is_exact(finished, tmp_path):
     new_params = checkpoint.load_run_for_inference(resumed)[1]
     for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(new_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_run_files_are_replaced_atomically(tmp_path, monkeypatch):
+    """metrics.jsonl and the run files are written to a temporary file and renamed: a write that
+    dies midway (here: the disk fails at fsync) leaves the old content whole and no stray file."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    checkpoint.write_text_atomic(path, '{"step": 1}\n{"step": 2}\n')
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.write_text_atomic(path, "x" * 1000)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
