@@ -440,6 +440,15 @@ def run(
     sharding.check_parallelism(config, mesh, B)
     optimizer, step_fn, state_shardings = compiled_step(config, exp.optim, exp.schedule, mesh)
     abstract_state = abstract_train_state(config, optimizer, state_shardings)
+    # Compiled now, so that a step that cannot be built fails before the run directory changes;
+    # jax caches the executable and the first step reuses it.
+    batch_struct = jax.ShapeDtypeStruct(
+        (A, B, T + 1), jnp.int32, sharding=sharding.batch_sharding(mesh, accum=True)
+    )
+    if last is None or last < exp.schedule.max_steps:  # (a finished run takes no more steps)
+        with jax.set_mesh(mesh):
+            key_struct = jax.eval_shape(jax.random.key, 0)
+            step_fn.lower(abstract_state, batch_struct, key_struct).compile()
     if main:
         per_device = sharding.bytes_per_device(abstract_state, mesh)
         total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_state))
