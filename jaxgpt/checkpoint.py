@@ -9,14 +9,22 @@ A run directory holds::
     loss.png            the loss curve, written at the end (or by `jaxgpt plot`)
     checkpoints/<step>/ orbax checkpoints: the train state (step, params, optimiser state) and
                         the data loader's state; the last `keep` and the best-val are kept
+    old-<UTC time>/     what `--fresh` or a NaN loss set aside (nothing is ever deleted), with
+                        copies of the run files, so it loads as a run directory itself
 
 Orbax writes each checkpoint into a temporary directory and renames it only when complete, so a
-process killed while saving leaves the previous checkpoint as the latest good one.
+process killed while saving leaves the previous checkpoint as the latest good one. The training
+process is the only writer (`open_manager`); readers use `open_reader`, which creates, cleans and
+deletes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.errors import CheckpointFormatError, InputError
+from jaxgpt.errors import CheckpointFormatError, InputError, JaxgptError
 from jaxgpt.tokenizer import Tokenizer, tokenizer_from_json, tokenizer_to_json
 
 EXPERIMENT_FILE = "experiment.json"
@@ -33,10 +41,18 @@ MODEL_FILE = "model.json"
 TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+PLOT_FILE = "loss.png"
+RUN_FILES = [EXPERIMENT_FILE, MODEL_FILE, TOKENIZER_FILE]
+
+
+def _item_handlers() -> dict[str, Any]:
+    # Registered up front so that a checkpoint's metadata can be read before restoring it.
+    return {"state": ocp.StandardCheckpointHandler(), "loader": ocp.JsonCheckpointHandler()}
 
 
 def open_manager(run_dir: str | Path, keep: int = 2) -> ocp.CheckpointManager:
-    """The run's CheckpointManager: keeps the latest `keep` checkpoints plus the best val loss."""
+    """The training process's CheckpointManager (the run's one writer): keeps the latest `keep`
+    checkpoints plus the best val loss, and removes what a killed save of its own left behind."""
     policy = pp.AnyPreservationPolicy(
         [
             pp.LatestN(n=keep),
@@ -52,7 +68,23 @@ def open_manager(run_dir: str | Path, keep: int = 2) -> ocp.CheckpointManager:
         cleanup_tmp_directories=True,  # remove what a killed save left behind
     )
     directory = Path(run_dir).resolve() / CHECKPOINT_DIR
-    return ocp.CheckpointManager(directory, options=options)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
+def open_reader(run_dir: str | Path) -> ocp.CheckpointManager:
+    """A read-only CheckpointManager for inference: it creates, cleans and deletes nothing, so a
+    training process may be writing a checkpoint into the same run at the same moment."""
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0
+    )
+    directory = Path(run_dir).resolve() / CHECKPOINT_DIR
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns that the directory is read-only: as intended
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+    finally:
+        absl.setLevel(level)
 
 
 def save(
@@ -82,10 +114,88 @@ def latest_step(run_dir: str | Path) -> int | None:
     return max(steps) if steps else None
 
 
+class CheckpointCorruptError(CheckpointFormatError):
+    """A checkpoint's files are missing, cut short or unreadable."""
+
+
+class CheckpointMismatchError(CheckpointFormatError):
+    """A readable checkpoint holds a train state of another structure or shape than expected."""
+
+
+class RestoreError(JaxgptError):
+    """A sound checkpoint could not be restored here (memory, devices, sharding)."""
+
+
+def _key_names(path: tuple) -> str:
+    names = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return ".".join(names)
+
+
+def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+    """Raise CheckpointMismatchError if checkpoint `step` holds other arrays than
+    `abstract_state` (another model, optimiser or jaxgpt version), CheckpointCorruptError if its
+    metadata cannot be read."""
+    where = Path(manager.directory) / str(step)
+    try:
+        stored = manager.item_metadata(step)["state"]
+        stored = {
+            _key_names(p): (tuple(m.shape), str(m.dtype))
+            for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+        }
+    except Exception as err:  # any failure to read the metadata: unreadable files
+        raise CheckpointCorruptError(
+            f"checkpoint {where} is corrupt: its metadata cannot be read ({_first_line(err)}); "
+            f"move it aside to resume from an earlier checkpoint, or start over with --fresh"
+        ) from err
+    wanted = {
+        _key_names(p): (tuple(a.shape), str(a.dtype))
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    }
+    missing, extra = sorted(wanted.keys() - stored.keys()), sorted(stored.keys() - wanted.keys())
+    differ = [k for k in sorted(wanted.keys() & stored.keys()) if wanted[k] != stored[k]]
+    if missing or extra or differ:
+        if differ:
+            k = differ[0]
+            (have, have_dtype), (want, want_dtype) = stored[k], wanted[k]
+            what = f"{k} is {have} {have_dtype}, this run expects {want} {want_dtype}"
+        else:
+            what = f"arrays missing: {missing[:3]}, unexpected: {extra[:3]}"
+        raise CheckpointMismatchError(
+            f"checkpoint {where} holds a different model or optimiser state ({what}); it is "
+            f"intact: load it with the settings it was written with, or use another --out"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# Words in the errors that tensorstore / orbax raise when a file is absent, short or garbled.
+_DAMAGE = ("error while reading", "data_loss", "not_found", "out_of_range", "no such file",
+           "checksum", "corrupt", "truncated", "unexpected end", "failed to decode")  # fmt: skip
+_MEMORY = ("resource_exhausted", "out of memory", "cannot allocate")
+_DEVICES = ("sharding", "device", "mesh")
+
+
 def restore(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any
 ) -> tuple[Any, dict[str, Any]]:
-    """(state, loader_state) of checkpoint `step`; a CheckpointFormatError if it is unreadable."""
+    """(state, loader_state) of checkpoint `step`.
+
+    A failure is told apart: CheckpointMismatchError (another model), CheckpointCorruptError
+    (files missing or cut short), RestoreError (out of memory, or a device / sharding problem
+    with a sound checkpoint).
+    """
+    check_matches(manager, step, abstract_state)
+    where = Path(manager.directory) / str(step)
     try:
         restored = manager.restore(
             step,
@@ -93,26 +203,83 @@ def restore(
                 state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore()
             ),
         )
-    except Exception as err:
-        where = Path(manager.directory) / str(step)
-        raise CheckpointFormatError(
-            f"checkpoint {where} is corrupt or does not match this model "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
-            f"move it aside to resume from an earlier checkpoint, or start over with --fresh"
-        ) from err
+    except Exception as err:  # classified below; the original is chained
+        raise _restore_error(err, where) from err
     return restored["state"], dict(restored["loader"])
+
+
+def _restore_error(err: Exception, where: Path) -> JaxgptError:
+    text = f"{type(err).__name__} {err}".lower()
+    if isinstance(err, MemoryError) or any(w in text for w in _MEMORY):
+        return RestoreError(
+            f"out of memory restoring checkpoint {where} ({_first_line(err)}); the checkpoint is "
+            f"intact: restore it on more devices (a larger fsdp axis) or with more free memory"
+        )
+    if isinstance(err, (OSError, json.JSONDecodeError)) or any(w in text for w in _DAMAGE):
+        return CheckpointCorruptError(
+            f"checkpoint {where} is corrupt ({_first_line(err)}); move it aside to resume "
+            f"from an earlier checkpoint, or start over with --fresh"
+        )
+    if any(w in text for w in _DEVICES):
+        return RestoreError(
+            f"checkpoint {where} could not be laid out on these devices ({_first_line(err)}); "
+            f"the checkpoint is intact: check parallel.mesh and the devices available"
+        )
+    return RestoreError(
+        f"could not restore checkpoint {where} ({_first_line(err)}); its files and arrays "
+        f"look intact, so it was not moved or changed"
+    )
 
 
 # --------------------------------------------------------------------------- run files
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: a reader, or a process killed midway,
+    sees the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_run_files(
     run_dir: Path, experiment: dict[str, Any], config: GPTConfig, tokenizer: Tokenizer
 ) -> None:
-    (run_dir / EXPERIMENT_FILE).write_text(json.dumps(experiment, indent=1))
-    (run_dir / MODEL_FILE).write_text(json.dumps(config.to_dict(), indent=1))
+    write_text_atomic(run_dir / EXPERIMENT_FILE, json.dumps(experiment, indent=1))
+    write_text_atomic(run_dir / MODEL_FILE, json.dumps(config.to_dict(), indent=1))
     spec = tokenizer_to_json(tokenizer)  # chat tokens included
-    (run_dir / TOKENIZER_FILE).write_text(json.dumps(spec, ensure_ascii=False))
+    write_text_atomic(run_dir / TOKENIZER_FILE, json.dumps(spec, ensure_ascii=False))
+
+
+def set_aside(run_dir: Path, move: list[str], copy: list[str] = RUN_FILES) -> Path | None:
+    """Move the run's paths `move` (relative to `run_dir`) into a new `run_dir/old-<UTC time>/`,
+    and copy `copy` there, so that the folder is itself a loadable run directory.
+
+    Nothing is deleted; a path that does not exist is skipped. Returns the folder, or None when
+    there was nothing to move.
+    """
+    present = [rel for rel in move if (run_dir / rel).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = run_dir / f"old-{stamp}", 1
+    while aside.exists():
+        n += 1
+        aside = run_dir / f"old-{stamp}-{n}"
+    for rel in copy:
+        if (run_dir / rel).is_file():
+            aside.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / rel, aside / rel)
+    for rel in present:
+        (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir / rel, aside / rel)
+    return aside
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -152,7 +319,7 @@ def load_run_for_inference(
     step = latest_step(run_dir)
     if step is None:
         raise CheckpointFormatError(f"run directory {run_dir} has no checkpoint yet")
-    manager = open_manager(run_dir, keep=experiment.checkpoint.keep)
+    manager = open_reader(run_dir)
     optimizer = make_optimizer(experiment.optim, experiment.schedule)
     # Onto this process's first device, whatever mesh the checkpoint was written from.
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -160,8 +327,10 @@ def load_run_for_inference(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
         abstract_train_state(config, optimizer),
     )
-    state, _ = restore(manager, step, abstract)
-    manager.close()
+    try:
+        state, _ = restore(manager, step, abstract)
+    finally:
+        manager.close()
     if overrides:
         shape_fields = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "use_bias"}
         bad = sorted(shape_fields & overrides.keys())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import signal
 import sys
 import time
@@ -42,16 +41,26 @@ from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
 from jaxgpt.objectives import Objective, get_objective, next_token
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, grow_vocab, init_params
-from jaxgpt.tokenizer import Tokenizer
+from jaxgpt.tokenizer import CharTokenizer, Tokenizer
 
 HELD_OUT_EVAL = 200  # held-out arithmetic problems scored at each evaluation (500 at the end)
 # Changing these does not change what the model computes, so a run may resume with new values.
 # The mesh too: checkpoints restore into whatever layout the resumed run uses.
 RESUMABLE_KEYS = ("eval.", "checkpoint.", "parallel.", "name")
+# These change how big the remaining updates are — the remedies for a diverged run — but not the
+# model, the optimiser state's structure (the schedule is a function of the step, clipping keeps no
+# state) or the data stream the loader state indexes, so a resume may change them too. Not
+# model.*, data.*, optim.grad_accum (the data stream), optim.beta1/beta2/eps (what the stored
+# Adam moments mean), optim.decay_embeddings or schedule.seed (init and dropout keys).
+ADJUSTABLE_KEYS = (
+    "optim.lr", "optim.grad_clip", "optim.weight_decay",
+    "schedule.warmup_steps", "schedule.min_lr_ratio", "schedule.max_steps",
+)  # fmt: skip
 
 
 class TrainingDiverged(JaxgptError):
-    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+    """The loss became NaN or infinite; training stopped, the checkpoints from after the bad update
+    were set aside and the last one from before it is where the run resumes."""
 
 
 @struct.dataclass
@@ -264,11 +273,13 @@ def ensure_chat_data(exp: Experiment, data_dir: Path, *, progress: bool = True) 
     return data_dir
 
 
-def initial_params(
-    exp: Experiment, vocab_size: int, tokenizer_name: str
-) -> tuple[GPTConfig, Params]:
-    """(config, params) to start from: scratch, a Hugging Face GPT-2 dir, or a jaxgpt run dir."""
+def initial_params(exp: Experiment, tokenizer: Tokenizer) -> tuple[GPTConfig, Params]:
+    """(config, params) to start from: scratch, a Hugging Face GPT-2 dir, or a jaxgpt run dir.
+
+    `tokenizer` is the data's; a run directory must have been trained with the same one.
+    """
     m = exp.model
+    vocab_size = tokenizer.n_vocab
     if m.init == "scratch":
         config = exp.gpt_config(vocab_size)
         # Compiled: op-by-op initialisation dispatches (and compiles) hundreds of tiny programs.
@@ -279,17 +290,18 @@ def initial_params(
         attention=m.attention,
     )  # fmt: skip
     if checkpoint.is_run_dir(m.init):
+        check_same_tokenizer(checkpoint.load_tokenizer(m.init), tokenizer, m.init)
         config, params, _, _ = checkpoint.load_run_for_inference(m.init, **overrides)
     else:
         from jaxgpt.pretrained import load_hf
 
-        if tokenizer_name != "gpt2":
+        if tokenizer.name != "gpt2":
             raise ConfigError(
                 "model.init from a Hugging Face GPT-2 needs data.tokenizer='gpt2', "
-                f"got {tokenizer_name!r}"
+                f"got {tokenizer.name!r}"
             )
         config, params = load_hf(m.init, **overrides)
-    if config.vocab_size < vocab_size and tokenizer_name == "gpt2":
+    if config.vocab_size < vocab_size and tokenizer.name == "gpt2":
         # GPT-2 BPE data with the chat tokens (ids from 50257 up): grow the embedding for them.
         config, params = grow_vocab(config, params, vocab_size, jax.random.key(exp.schedule.seed))
     if config.vocab_size < vocab_size:
@@ -302,6 +314,89 @@ def initial_params(
             f"model.block_size {m.block_size} exceeds {m.init!r}'s context {config.block_size}"
         )
     return config, params
+
+
+def check_same_tokenizer(theirs: Tokenizer, ours: Tokenizer, init: str) -> None:
+    """Refuse to fine-tune a run's model on data tokenized differently: its ids would be read as
+    other characters."""
+    if theirs.name != ours.name:
+        raise ConfigError(
+            f"model.init {init!r} was trained with the {theirs.name!r} tokenizer, but "
+            f"data.tokenizer is {ours.name!r}; its token ids would mean other text"
+        )
+    if isinstance(theirs, CharTokenizer) and theirs.chars != ours.chars:
+        only_theirs = sorted(set(theirs.chars) - set(ours.chars))
+        only_ours = sorted(set(ours.chars) - set(theirs.chars))
+        raise ConfigError(
+            f"model.init {init!r} has a different character table ({theirs.n_vocab} characters) "
+            f"than this corpus ({ours.n_vocab}): only in the run {''.join(only_theirs[:20])!r}, "
+            f"only in the corpus {''.join(only_ours[:20])!r}; its ids would be read as other "
+            f"characters. Fine-tune on text with the same characters, or start from scratch"
+        )
+
+
+def sample_prompt_ids(tokenizer: Tokenizer, exp: Experiment) -> list[int]:
+    """`eval.sample_prompt` as token ids (the end-of-text token for an empty GPT-2 prompt);
+    a ConfigError naming the characters the tokenizer cannot encode."""
+    prompt = exp.eval.sample_prompt
+    if tokenizer.eot_token is not None and not prompt:
+        return [tokenizer.eot_token]
+    try:
+        return tokenizer.encode(prompt)
+    except JaxgptError as err:
+        raise ConfigError(
+            f"eval.sample_prompt {prompt!r} cannot be encoded by the data's {tokenizer.name} "
+            f"tokenizer: {err}; change it with --set eval.sample_prompt=..., or pass --no-sample"
+        ) from err
+
+
+def check_resumable(exp: Experiment, run_dir: Path) -> dict[str, tuple]:
+    """The keys a resume of `run_dir` changes, as {key: (stored, new)}; a ConfigError if any of
+    them is neither in RESUMABLE_KEYS nor in ADJUSTABLE_KEYS."""
+    stored = Experiment.from_dict(checkpoint.read_json(run_dir / checkpoint.EXPERIMENT_FILE))
+    changed = diff(stored, exp)
+    fixed = [k for k in changed if not k.startswith(RESUMABLE_KEYS) and k not in ADJUSTABLE_KEYS]
+    if fixed:
+        raise ConfigError(
+            f"run directory {run_dir} holds a run of a different config (differs in: "
+            f"{', '.join(fixed)}); a resume may change only {', '.join(ADJUSTABLE_KEYS)} and "
+            f"eval.*, checkpoint.*, parallel.*; pass --fresh to start over there, or --out NEW_DIR"
+        )
+
+    def value(e: Experiment, key: str) -> object:
+        d = e.to_dict()
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    return {k: (value(stored, k), value(exp, k)) for k in changed}
+
+
+def _set_aside_diverged(run_dir: Path, bad_step: int) -> tuple[Path | None, list[int]]:
+    """Move the checkpoints from step `bad_step - 1` on (their weights gave the bad loss, or
+    came after them) into an `old-<time>` folder with copies of the run files and metrics."""
+    directory = run_dir / checkpoint.CHECKPOINT_DIR
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    suspect = [c for c in steps if c >= bad_step - 1]
+    names = [f"{checkpoint.CHECKPOINT_DIR}/{c}" for c in suspect]
+    files = [*checkpoint.RUN_FILES, checkpoint.METRICS_FILE]
+    return checkpoint.set_aside(run_dir, names, copy=files), suspect
+
+
+def _diverged(run_dir: Path, s: int, loss: float, grad_norm: float, main: bool) -> JaxgptError:
+    """The error for a NaN/inf at step `s`, after setting the suspect checkpoints aside."""
+    aside, suspect = _set_aside_diverged(run_dir, s) if main else (None, [])
+    kept = checkpoint.latest_step(run_dir)
+    moved = f"checkpoint(s) {suspect} moved to {aside}; " if aside else ""
+    if kept is None:
+        then = "no checkpoint from before the bad update exists: start over with --fresh and"
+    else:
+        then = f"checkpoint {kept} (from before the bad update) is kept; run again to resume with"
+    return TrainingDiverged(
+        f"loss became {loss} (grad norm {grad_norm}) at step {s}, computed with the weights "
+        f"after step {s - 1}; training stopped in {run_dir}; {moved}{then} a lower optim.lr, a "
+        f"longer schedule.warmup_steps or a smaller optim.grad_clip"
+    )
 
 
 class _StopFlag:
@@ -367,31 +462,35 @@ def run(
     source = batches.make_source(data_dir, B, T, A, exp.data.seed)
     objective = get_objective(source.objective)
     tokenizer = batches.tokenizer_of(meta)
+    if sample and exp.eval.sample_tokens > 0:
+        sample_prompt_ids(tokenizer, exp)  # fail now, not after the whole run
 
-    # ---- resume or start
-    last = checkpoint.latest_step(run_dir)
-    if fresh:
-        shutil.rmtree(run_dir / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
-        (run_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
-        last = None
+    # ---- resume or start: validated first; the run directory is not touched until all is
+    last = None if fresh else checkpoint.latest_step(run_dir)
+    changes: dict[str, tuple] = {}
     if last is not None:
-        stored = Experiment.from_dict(checkpoint.read_json(run_dir / checkpoint.EXPERIMENT_FILE))
-        changed = [k for k in diff(stored, exp) if not k.startswith(RESUMABLE_KEYS)]
-        if changed:
-            raise ConfigError(
-                f"run directory {run_dir} holds a run of a different config (differs in: "
-                f"{', '.join(changed)}); pass --fresh to start over there, or --out NEW_DIR"
-            )
+        changes = check_resumable(exp, run_dir)
         config = GPTConfig.from_dict(checkpoint.read_json(run_dir / checkpoint.MODEL_FILE))
         params = None
     else:
-        config, params = initial_params(exp, tokenizer.n_vocab, meta["tokenizer"])
+        config, params = initial_params(exp, tokenizer)
         check_params(params, config)
     sharding.check_parallelism(config, mesh, B)
     optimizer, step_fn, state_shardings = compiled_step(
         config, exp.optim, exp.schedule, mesh, objective
     )
     abstract_state = abstract_train_state(config, optimizer, state_shardings)
+    # Compiled now, so that a step that cannot be built fails before the run directory changes;
+    # jax caches the executable and the first step reuses it.
+    batch_sharding = sharding.batch_sharding(mesh, accum=True)
+    batch_struct = jax.tree.map(  # a step's batch: `[A, B, T+1]` windows, or a dict of them
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.int32, sharding=batch_sharding),
+        source.train(0, None),
+    )
+    if last is None or last < exp.schedule.max_steps:  # (a finished run takes no more steps)
+        with jax.set_mesh(mesh):
+            key_struct = jax.eval_shape(jax.random.key, 0)
+            step_fn.lower(abstract_state, batch_struct, key_struct).compile()
     if main:
         per_device = sharding.bytes_per_device(abstract_state, mesh)
         total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_state))
@@ -402,16 +501,33 @@ def run(
             f"({total / 2**20:,.1f} MiB in all)",
             file=sys.stderr,
         )
+    if fresh and main:
+        moved = [checkpoint.CHECKPOINT_DIR, checkpoint.METRICS_FILE, checkpoint.PLOT_FILE]
+        aside = checkpoint.set_aside(run_dir, moved)
+        if aside is not None:
+            print(f"--fresh: the previous run's checkpoints and metrics moved to {aside}",
+                  file=sys.stderr)  # fmt: skip
     manager = checkpoint.open_manager(run_dir, keep=exp.checkpoint.keep)
     elapsed_before = 0.0
     if last is not None:
-        state, loader = checkpoint.restore(manager, last, abstract_state)
+        try:
+            state, loader = checkpoint.restore(manager, last, abstract_state)
+        except JaxgptError:
+            manager.close()
+            raise
         if loader.get("seed") != exp.data.seed or loader.get("step") != int(state.step):
+            manager.close()
             raise CheckpointFormatError(
                 f"checkpoint {last} in {run_dir} has an inconsistent loader state {loader}"
             )
         elapsed_before = float(loader.get("elapsed_s", 0.0))
         print(f"resuming {run_dir} from step {last}", file=sys.stderr)
+        if changes and main:
+            for key, (old, new) in changes.items():
+                print(f"  {key}: {old!r} → {new!r}", file=sys.stderr)
+            checkpoint.write_text_atomic(
+                run_dir / checkpoint.EXPERIMENT_FILE, json.dumps(exp.to_dict(), indent=1)
+            )
     else:
         init = jax.jit(init_train_state, static_argnums=1, out_shardings=state_shardings)
         state = init(params, optimizer)
@@ -455,7 +571,11 @@ def run(
     start_step = int(state.step)
     if main:
         kept_rows = _read_metrics(metrics_path, start_step)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept_rows))
+        if changes:  # what this resume changed, so the curve's history stays readable
+            kept_rows.append({"kind": "resume", "step": start_step,
+                              "changed": {k: list(v) for k, v in changes.items()}})  # fmt: skip
+        text = "".join(json.dumps(r) + "\n" for r in kept_rows)
+        checkpoint.write_text_atomic(metrics_path, text)
     metrics_file = metrics_path.open("a") if main else None
 
     def log(row: dict) -> None:
@@ -483,17 +603,8 @@ def run(
         fetched = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, fetched):
             if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-                good = checkpoint.latest_step(run_dir)
-                kept = (
-                    f"the last good checkpoint (step {good}) is kept"
-                    if good
-                    else "no checkpoint was saved yet"
-                )
-                raise TrainingDiverged(
-                    f"loss became {float(m['loss'])} (grad norm {float(m['grad_norm'])}) at step "
-                    f"{s}; training stopped and {kept} in {run_dir}. Lower optim.lr or raise "
-                    f"schedule.warmup_steps"
-                )
+                manager.wait_until_finished()
+                raise _diverged(run_dir, s, float(m["loss"]), float(m["grad_norm"]), main)
         now = time.perf_counter()
         seconds = now - t_window
         if not window_compiles and seconds > 0:
@@ -653,14 +764,7 @@ def end_of_training_sample(
     """
     from jaxgpt.decode import generate
 
-    prompt = exp.eval.sample_prompt
-    if tokenizer.eot_token is not None and not prompt:
-        prompt_ids = [tokenizer.eot_token]
-    else:
-        try:
-            prompt_ids = tokenizer.encode(prompt)
-        except JaxgptError:
-            prompt_ids = tokenizer.encode(tokenizer.decode([0]))
+    prompt_ids = sample_prompt_ids(tokenizer, exp)
     out = generate(
         params, config, list(prompt_ids) or [0], exp.eval.sample_tokens, slide=True,
         key=jax.random.key(exp.schedule.seed), temperature=exp.eval.temperature,

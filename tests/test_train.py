@@ -4,9 +4,12 @@ Face directory, and the run's errors."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -33,11 +36,13 @@ from jaxgpt.optim import make_optimizer
 from jaxgpt.params import init_params
 from jaxgpt.plot import read_metrics
 from jaxgpt.pretrained import load_hf
+from jaxgpt.tokenizer import CharTokenizer, get_tokenizer
 from jaxgpt.train import (
     TrainingDiverged,
     init_train_state,
     initial_params,
     jit_train_step,
+    lr_of,
     make_train_step,
     run,
 )
@@ -149,6 +154,50 @@ def test_different_config_in_run_dir(trained):
     assert checkpoint.latest_step(result.run_dir) == 30  # nothing was touched
 
 
+def tree_hashes(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root`."""
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(root.rglob("*"))
+        if f.is_file()
+    }
+
+
+def test_fresh_with_a_bad_init_changes_nothing(trained, tmp_path, capsys):
+    """`--fresh` validates the new run (here: a model.init that does not exist) before it touches
+    the old one: one line, exit 2, every file of the run byte for byte as it was."""
+    _, result, data_root = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+    before = tree_hashes(run_dir)
+    init = f"model.init={tmp_path / 'no-such'}"
+    argv = ["train", str(data_root.parent / "tiny.py"), "--out", str(run_dir), "--data-dir",
+            str(data_root), "--quiet", "--fresh", "--set", init]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "model.init" in err, err
+    assert tree_hashes(run_dir) == before
+
+
+def test_fresh_sets_the_old_run_aside(trained, tmp_path, capsys):
+    """A valid `--fresh` moves the old checkpoints, metrics and plot to old-<time>/ (with copies
+    of the run files, so it still loads), says where, and trains anew."""
+    exp, result, data_root = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+    before = tree_hashes(run_dir)
+    new = run(exp, run_dir=run_dir, data_root=data_root, fresh=True, progress=False,
+              sample=False)  # fmt: skip
+    (aside,) = run_dir.glob("old-*")
+    assert f"moved to {aside}" in capsys.readouterr().err
+    assert tree_hashes(aside) == before  # every old file, byte for byte
+    assert new.step == 30 and checkpoint.latest_step(run_dir) == 30
+    steps = [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+    assert steps == list(range(1, 31))  # one run's rows, not two
+    assert "step 30" in checkpoint.load_run_for_inference(aside)[3]
+
+
 def test_corrupt_checkpoint(trained, tmp_path):
     exp, result, data_root = trained
     copy = tmp_path / "run"
@@ -161,18 +210,99 @@ def test_corrupt_checkpoint(trained, tmp_path):
     assert (copy / "checkpoints" / "20").is_dir()  # the earlier one is still there
 
 
-def test_nan_loss_stops_and_keeps_last_good(trained, tmp_path):
+@pytest.mark.parametrize("cut", ["array data", "metadata", "loader state"])
+def test_checkpoint_file_cut_short_is_corrupt(trained, tmp_path, cut):
+    """A checkpoint file cut short (a full disk, a copy interrupted) is reported as corrupt."""
+    exp, result, data_root = trained
+    copy = tmp_path / "run"
+    shutil.copytree(result.run_dir, copy)
+    ckpt = copy / "checkpoints" / "30"
+    target = {
+        "array data": max((ckpt / "state").rglob("ocdbt.process_0/d/*"),
+                          key=lambda f: f.stat().st_size),
+        "metadata": ckpt / "state" / "_METADATA",
+        "loader state": ckpt / "loader" / "metadata",
+    }[cut]  # fmt: skip
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(CheckpointFormatError, match=r"checkpoints/30 is corrupt"):
+        run(exp, run_dir=copy, data_root=data_root, progress=False)
+
+
+def test_checkpoint_of_another_shape_is_not_called_corrupt(trained, tmp_path):
+    """A sound checkpoint that holds another model (here: model.json edited to a wider model)
+    is a mismatch that names the array and both shapes — not 'corrupt'."""
+    _, result, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(result.run_dir, copy)
+    spec = checkpoint.read_json(copy / "model.json")
+    (copy / "model.json").write_text(json.dumps({**spec, "n_embd": 64}))
+    with pytest.raises(CheckpointFormatError, match=r"different model") as info:
+        checkpoint.load_run_for_inference(copy)
+    assert "corrupt" not in str(info.value)
+    assert re.search(r"is \(\d+,\) float32, this run expects \(\d+,\) float32", str(info.value))
+
+
+@pytest.mark.parametrize(
+    "err, says",
+    [
+        (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB"), "out of memory"),
+        (MemoryError(), "out of memory"),
+        (ValueError("sharding is incompatible with the mesh of 8 devices"), "these devices"),
+        (FileNotFoundError(2, "No such file or directory"), "is corrupt"),
+        (KeyError("something orbax did not expect"), "could not restore"),
+    ],
+)
+def test_restore_errors_are_told_apart(err, says):
+    got = checkpoint._restore_error(err, Path("run/checkpoints/7"))
+    assert says in str(got) and "run/checkpoints/7" in str(got)
+    assert ("corrupt" in str(got)) == (says == "is corrupt")
+    assert isinstance(got, checkpoint.CheckpointCorruptError) == (says == "is corrupt")
+
+
+def test_nan_loss_sets_aside_the_suspect_checkpoints_and_resumes_with_a_lower_lr(
+    trained, tmp_path, capsys
+):
+    """Metrics at step s come from the weights after step s-1: a NaN loss at step s makes
+    checkpoint s-1 suspect. It is moved aside (not deleted), checkpoint s-2 is kept, and the run
+    resumes from it with a lower optim.lr and a longer warmup, then finishes."""
     exp, _, data_root = trained
+    # Warmup from lr 0: update 1 changes nothing, update 2 (lr 2.5e29) sends the weights past
+    # float32's range, so the loss at step 3 is the first that is not finite.
     bad = apply_overrides(
-        exp, ["optim.lr=1e12", "optim.grad_clip=0", "schedule.warmup_steps=0",
-              "checkpoint.interval=1", "schedule.max_steps=20"],
+        exp, ["optim.lr=1e30", "optim.grad_clip=0", "schedule.warmup_steps=4",
+              "checkpoint.interval=1", "schedule.max_steps=12", "eval.interval=12"],
     )  # fmt: skip
-    with pytest.raises(TrainingDiverged, match=r"at step (\d+)") as info:
-        run(bad, run_dir=tmp_path / "run", data_root=data_root, progress=False)
-    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
-    assert checkpoint.latest_step(tmp_path / "run") == bad_step - 1
-    rows = read_metrics(tmp_path / "run")
-    assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"at step 3, computed with the weights after "
+                       r"step 2.*checkpoint 1 \(from before the bad update\) is kept"):  # fmt: skip
+        run(bad, run_dir=run_dir, data_root=data_root, progress=False)
+    (aside,) = run_dir.glob("old-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["2"]
+    assert checkpoint.latest_step(run_dir) == 1
+    old_rows = read_metrics(aside)
+    assert [r["step"] for r in old_rows if r["kind"] == "train"] == [1, 2]
+
+    better = apply_overrides(bad, ["optim.lr=1e-2", "schedule.warmup_steps=6"])
+    capsys.readouterr()
+    result = run(better, run_dir=run_dir, data_root=data_root, progress=False, sample=False)
+    err = capsys.readouterr().err
+    assert f"resuming {run_dir} from step 1" in err and "optim.lr: 1e+30 → 0.01" in err
+    assert result.step == 12 and math.isfinite(result.val_loss)
+    rows = read_metrics(run_dir)
+    assert [r["kind"] for r in rows[:2]] == ["train", "resume"]
+    losses = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    assert sorted(losses) == list(range(1, 13)) and all(map(math.isfinite, losses.values()))
+    # Step 2's loss comes from checkpoint 1's weights, which both runs share: it is the same.
+    assert losses[2] == old_rows[1]["loss"]
+    assert checkpoint.read_json(run_dir / "experiment.json")["optim"]["lr"] == 1e-2
+
+
+def test_a_resume_may_not_change_the_model_or_data(trained, tmp_path):
+    exp, result, data_root = trained
+    for key in ["model.dropout=0.1", "data.batch_size=8", "optim.beta2=0.95"]:
+        with pytest.raises(ConfigError, match=rf"differs in: {key.split('=')[0]}\).*optim\.lr"):
+            run(apply_overrides(exp, [key]), run_dir=result.run_dir, data_root=data_root,
+                progress=False)  # fmt: skip
 
 
 def test_unwritable_run_dir(trained, tmp_path, tiny_experiment_file):
@@ -199,7 +329,9 @@ def test_corpus_smaller_than_a_block(tmp_path, tiny_experiment_file, capsys):
 
 def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_corpus):
     """`model.init=<HF dir>`: the run starts from those weights — its first logged loss is
-    transformers' loss on the same first batch — trains them, and saves a run that loads back."""
+    transformers' loss on the same first batch — and trains them as PyTorch's AdamW would: the
+    losses of steps 2-4 are those of the same model trained by torch with the same schedule,
+    clipping and decay mask. The saved run loads back."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -222,13 +354,35 @@ def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_corpus):
     result = run(exp, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
 
     losses = [r["loss"] for r in read_metrics(result.run_dir) if r["kind"] == "train"]
+    assert len(losses) == 4
     train_tokens = data.load_tokens(tmp_path / "data" / "tiny_bpe", "train")
-    first_BT1 = torch.tensor(data.get_batch(train_tokens, 2, 16, exp.data.seed, 0)[0]).long()
-    with torch.no_grad():
-        logits = hf(first_BT1[:, :-1]).logits
-    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), first_BT1[:, 1:].ravel())
-    assert losses[0] == pytest.approx(hf_loss.item(), rel=1e-5)
-    assert len(losses) == 4 and losses[-1] != losses[0]
+
+    # The reference: torch's AdamW on the transformers model, step for step. Metrics at step s
+    # are the loss before update s; update s uses the schedule's lr(s - 1).
+    lr_at = lr_of(exp)
+    params = list(hf.parameters())  # the tied wte / lm_head weight once
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": exp.optim.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=0.0, betas=(exp.optim.beta1, exp.optim.beta2), eps=exp.optim.eps,
+    )  # fmt: skip
+    torch_losses = []
+    for s in range(4):
+        batch_BT1 = torch.tensor(data.get_batch(train_tokens, 2, 16, exp.data.seed, s)[0]).long()
+        logits = hf(batch_BT1[:, :-1]).logits
+        targets = batch_BT1[:, 1:].ravel()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), targets)
+        torch_losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, exp.optim.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = float(lr_at(s))
+        opt.step()
+    assert losses[0] == pytest.approx(torch_losses[0], rel=1e-5)  # the imported weights
+    # Update 1 has lr 0 (warmup from 0); updates 2 and 3 move the weights by ~lr each.
+    assert losses[3] < losses[1] - 0.05  # it learns (the updates are not noise)
+    np.testing.assert_allclose(losses, torch_losses, rtol=2e-4)
 
     loaded = load_model(str(result.run_dir))
     assert loaded.tokenizer.name == "gpt2"
@@ -244,4 +398,31 @@ def test_fine_tune_needs_the_gpt2_tokenizer(hf_tiny, tiny_experiment_file):
         load_experiment(str(tiny_experiment_file())), [f"model.init={hf_tiny[1]}"]
     )
     with pytest.raises(ConfigError, match="data.tokenizer='gpt2'"):
-        initial_params(exp, 65, "char")
+        initial_params(exp, CharTokenizer("abc"))
+
+
+def test_fine_tune_from_a_run_needs_its_tokenizer(trained, tmp_path):
+    """`model.init=<run dir>` on a corpus with another character table would read every id as
+    another character: refused before any work, naming the differing characters. The same for
+    a char run fine-tuned on GPT-2 tokens."""
+    exp, result, _ = trained
+    corpus = tmp_path / "upper.txt"
+    text = Path(exp.data.source).read_text(encoding="utf-8")
+    corpus.write_text(text.upper(), encoding="utf-8")  # no lower-case letters
+    other = apply_overrides(
+        exp, [f"model.init={result.run_dir}", f"data.source={corpus}", "data.dataset=upper"]
+    )
+    with pytest.raises(ConfigError, match=r"different character table.*only in the run 'abc"):
+        run(other, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    gpt2 = apply_overrides(other, ["data.tokenizer=gpt2"])
+    with pytest.raises(ConfigError, match=r"trained with the 'char' tokenizer.*is 'gpt2'"):
+        initial_params(gpt2, get_tokenizer("gpt2"))
+
+
+def test_unencodable_sample_prompt_fails_before_training(trained, tmp_path):
+    exp, _, data_root = trained
+    odd = apply_overrides(exp, ["eval.sample_prompt=Once ☃ upon ✓"])
+    with pytest.raises(ConfigError, match=r"eval.sample_prompt.*'☃', '✓'"):
+        run(odd, run_dir=tmp_path / "run", data_root=data_root, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

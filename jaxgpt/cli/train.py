@@ -35,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data-dir", type=Path, default=Path("data"), help="prepared data root (./data)"
     )
     parser.add_argument(
-        "--fresh", action="store_true", help="discard the run directory's checkpoints and restart"
+        "--fresh",
+        action="store_true",
+        help="start over; the old checkpoints and metrics are moved to OUT/old-<UTC time>/ "
+        "(only once the new run is validated)",
     )
     parser.add_argument("--no-sample", action="store_true", help="skip the final sample")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
