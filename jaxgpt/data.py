@@ -242,13 +242,7 @@ def prepare(
             files, encode, dtype, tmp, split_chunk, split_seed, val_fraction, errors, bar
         )
         if pieces["val"] == 0:
-            n_chars = sum(len(p) for _, p in _read_pieces(files, split_chunk, None, errors))
-            raise InputError(
-                f"corpus {str(source)!r} ({n_chars:,} characters) is a single split piece of "
-                f"split_chunk={split_chunk} characters, so the validation split would be empty; "
-                f"use a smaller split_chunk (at most {max(1, n_chars // 10)}: "
-                f"--split-chunk / data.split_chunk) or a larger corpus"
-            )
+            raise InputError(_single_piece_advice(source, files, split_chunk, errors))
         meta = {
             "version": META_VERSION,
             "tokenizer": tokenizer,
@@ -280,6 +274,25 @@ def prepare(
         for path in tmp.values():
             path.unlink(missing_ok=True)
     return meta
+
+
+def _single_piece_advice(source: Any, files: list[Path], split_chunk: int, errors: str) -> str:
+    """Why a corpus gave no validation piece, and what would help (pieces are whole lines)."""
+    n_chars = n_lines = 0
+    for _, line in _read_pieces(files, 1, None, errors):  # chunk 1: one piece per line
+        n_chars += len(line)
+        n_lines += 1
+    where = f"corpus {str(source)!r} ({n_chars:,} characters, {n_lines:,} line(s))"
+    if n_lines < 2:
+        return (
+            f"{where} cannot be split into train and val: pieces are whole lines, and it has "
+            f"one; use a larger corpus"
+        )
+    return (
+        f"{where} is a single split piece of split_chunk={split_chunk} characters, so the "
+        f"validation split would be empty; use a smaller split_chunk (at most "
+        f"{max(1, n_chars // 10)}: --split-chunk / data.split_chunk) or a larger corpus"
+    )
 
 
 def _write_splits(
