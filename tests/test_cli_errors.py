@@ -82,6 +82,10 @@ CASES = [
     case("train-bad-mesh", "train {w}/tiny.py --out {w}/run --mesh data=x", "mesh", RUN),
     case("train-changed-shape", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
          "--set model.n_layer=3", "model.n_layer", RUN),
+    case("train-experiment-unknown-key", "train {w}/tiny.py --out {w}/run_unknownkey "
+         "--data-dir {w}/data", "unknown experiment key optim.'lrr'", ("run_unknownkey",)),
+    case("train-experiment-not-json", "train {w}/tiny.py --out {w}/run_notjson "
+         "--data-dir {w}/data", "experiment.json", ("run_notjson",)),
     # sample
     case("sample-prompt-not-utf8", "sample --model {w}/run --prompt-file {w}/latin1.txt",
          "not UTF-8", RUN),
