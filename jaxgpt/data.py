@@ -198,6 +198,9 @@ def prepare(
         raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if tokenizer not in ("char", "gpt2"):
         raise InputError(f"tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
+    for name, value, least in (("split_chunk", split_chunk, 1), ("split_seed", split_seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
     files = corpus_files(source)
     replaced = check_utf8(files, errors)
     if replaced:

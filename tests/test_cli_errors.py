@@ -61,6 +61,10 @@ CASES = [
     case("prepare-not-utf8", "prepare {w}/latin1.txt {w}/data3 --quiet", "byte offset 10"),
     case("prepare-one-piece", "prepare {w}/short.txt {w}/data4 --quiet", "smaller split_chunk"),
     case("prepare-val-fraction", "prepare {w}/corpus.txt {w}/data5 --val-fraction 1.5", "(0, 1)"),
+    case("prepare-split-chunk", "prepare {w}/corpus.txt {w}/data8 --split-chunk 0",
+         "split_chunk must be an integer >= 1"),
+    case("prepare-split-seed", "prepare {w}/corpus.txt {w}/data9 --split-seed -1",
+         "split_seed must be an integer >= 0"),
     case("prepare-empty", "prepare {w}/empty.txt {w}/data6", "is empty"),
     case("prepare-bad-errors", "prepare {w}/corpus.txt {w}/data7 --errors ignore",
          "invalid choice"),
@@ -78,6 +82,7 @@ CASES = [
          "eval.temperature"),
     case("train-eval-top-k", "train {w}/tiny.py --out {w}/run --set eval.top_k=-3",
          "eval.top_k", RUN),
+    case("train-data-seed", "train {w}/tiny.py --set data.seed=-2", "data.seed must be"),
     case("train-data-errors", "train {w}/tiny.py --set data.errors=ignore", "data.errors"),
     case("train-bad-mesh", "train {w}/tiny.py --out {w}/run --mesh data=x", "mesh", RUN),
     case("train-changed-shape", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
