@@ -126,11 +126,13 @@ CASES = [
     case("plot-missing-dir", "plot {w}/run --out {w}/nowhere/loss.png", "does not exist", RUN),
     case("plot-unknown-extension", "plot {w}/run --out {w}/loss.xyz", "unknown file type", RUN),
     case("plot-not-a-run", "plot {w}/hf", "no metrics.jsonl"),
+    case("plot-a-file", "plot {w}/empty.txt", "no metrics.jsonl"),
     # params
     case("params-unknown-preset", "params gpt3", "unknown preset"),
     # bench: the output path is checked before anything is timed
     case("bench-json-missing-dir", "bench forward --json {w}/nowhere/out.json", "does not exist"),
     case("bench-unknown-preset", "bench forward --model gpt3", "unknown preset"),
+    case("bench-seq-too-long", "bench forward --seq 100000", "--seq 100000 is too long"),
     case("bench-steps", "bench forward --steps 0", "--steps"),
 ]
 # fmt: on
