@@ -227,3 +227,13 @@ def test_bad_input(results, c):
     assert c.message in lines[0], lines[0]
     for k in c.keeps:
         assert before[k] and after[k] == before[k], f"{k} changed"
+
+
+def test_the_same_run_works_with_good_input(results):
+    """Control: the run the cases use is sound, so they fail for their bad input alone. Without
+    --prompt a character-level run starts from a newline (it has no <|endoftext|>)."""
+    w, _, before, _ = results
+    proc = _run_case(case("good", "sample --model {w}/run --max-new-tokens 5", ""), w)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout) == len("\n") + 5 + 1  # the prompt, 5 characters, print's newline
+    assert _tree_hash(w / "run") == before["run"]
