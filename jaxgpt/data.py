@@ -198,6 +198,9 @@ def prepare(
         raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if tokenizer not in ("char", "gpt2"):
         raise InputError(f"tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
+    for name, value, least in (("split_chunk", split_chunk, 1), ("split_seed", split_seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
     files = corpus_files(source)
     replaced = check_utf8(files, errors)
     if replaced:
@@ -242,13 +245,7 @@ def prepare(
             files, encode, dtype, tmp, split_chunk, split_seed, val_fraction, errors, bar
         )
         if pieces["val"] == 0:
-            n_chars = sum(len(p) for _, p in _read_pieces(files, split_chunk, None, errors))
-            raise InputError(
-                f"corpus {str(source)!r} ({n_chars:,} characters) is a single split piece of "
-                f"split_chunk={split_chunk} characters, so the validation split would be empty; "
-                f"use a smaller split_chunk (at most {max(1, n_chars // 10)}: "
-                f"--split-chunk / data.split_chunk) or a larger corpus"
-            )
+            raise InputError(_single_piece_advice(source, files, split_chunk, errors))
         meta = {
             "version": META_VERSION,
             "tokenizer": tokenizer,
@@ -280,6 +277,25 @@ def prepare(
         for path in tmp.values():
             path.unlink(missing_ok=True)
     return meta
+
+
+def _single_piece_advice(source: Any, files: list[Path], split_chunk: int, errors: str) -> str:
+    """Why a corpus gave no validation piece, and what would help (pieces are whole lines)."""
+    n_chars = n_lines = 0
+    for _, line in _read_pieces(files, 1, None, errors):  # chunk 1: one piece per line
+        n_chars += len(line)
+        n_lines += 1
+    where = f"corpus {str(source)!r} ({n_chars:,} characters, {n_lines:,} line(s))"
+    if n_lines < 2:
+        return (
+            f"{where} cannot be split into train and val: pieces are whole lines, and it has "
+            f"one; use a larger corpus"
+        )
+    return (
+        f"{where} is a single split piece of split_chunk={split_chunk} characters, so the "
+        f"validation split would be empty; use a smaller split_chunk (at most "
+        f"{max(1, n_chars // 10)}: --split-chunk / data.split_chunk) or a larger corpus"
+    )
 
 
 def _write_splits(

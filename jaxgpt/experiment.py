@@ -219,6 +219,10 @@ def validate(exp: Experiment) -> None:
             f"({exp.model.n_head}): each head gets n_embd / n_head dimensions"
         )
     _positive("data", exp.data, "batch_size", "split_chunk")
+    for name in ("split_seed", "seed"):  # numpy's generators take only non-negative seeds
+        value = getattr(exp.data, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"data.{name} must be an integer >= 0, got {value!r}")
     _positive("optim", exp.optim, "grad_accum")
     _positive("schedule", exp.schedule, "max_steps")
     parse_mesh(exp.parallel.mesh)  # a malformed mesh is an error now, not at the first step

@@ -57,9 +57,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "loss.png"
     check_output_path(out, "--out", suffixes=IMAGE_SUFFIXES)
-    rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     if not train and not evals:

@@ -61,6 +61,10 @@ CASES = [
     case("prepare-not-utf8", "prepare {w}/latin1.txt {w}/data3 --quiet", "byte offset 10"),
     case("prepare-one-piece", "prepare {w}/short.txt {w}/data4 --quiet", "smaller split_chunk"),
     case("prepare-val-fraction", "prepare {w}/corpus.txt {w}/data5 --val-fraction 1.5", "(0, 1)"),
+    case("prepare-split-chunk", "prepare {w}/corpus.txt {w}/data8 --split-chunk 0",
+         "split_chunk must be an integer >= 1"),
+    case("prepare-split-seed", "prepare {w}/corpus.txt {w}/data9 --split-seed -1",
+         "split_seed must be an integer >= 0"),
     case("prepare-empty", "prepare {w}/empty.txt {w}/data6", "is empty"),
     case("prepare-bad-errors", "prepare {w}/corpus.txt {w}/data7 --errors ignore",
          "invalid choice"),
@@ -78,10 +82,15 @@ CASES = [
          "eval.temperature"),
     case("train-eval-top-k", "train {w}/tiny.py --out {w}/run --set eval.top_k=-3",
          "eval.top_k", RUN),
+    case("train-data-seed", "train {w}/tiny.py --set data.seed=-2", "data.seed must be"),
     case("train-data-errors", "train {w}/tiny.py --set data.errors=ignore", "data.errors"),
     case("train-bad-mesh", "train {w}/tiny.py --out {w}/run --mesh data=x", "mesh", RUN),
     case("train-changed-shape", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
          "--set model.n_layer=3", "model.n_layer", RUN),
+    case("train-experiment-unknown-key", "train {w}/tiny.py --out {w}/run_unknownkey "
+         "--data-dir {w}/data", "unknown experiment key optim.'lrr'", ("run_unknownkey",)),
+    case("train-experiment-not-json", "train {w}/tiny.py --out {w}/run_notjson "
+         "--data-dir {w}/data", "experiment.json", ("run_notjson",)),
     # sample
     case("sample-prompt-not-utf8", "sample --model {w}/run --prompt-file {w}/latin1.txt",
          "not UTF-8", RUN),
@@ -117,11 +126,13 @@ CASES = [
     case("plot-missing-dir", "plot {w}/run --out {w}/nowhere/loss.png", "does not exist", RUN),
     case("plot-unknown-extension", "plot {w}/run --out {w}/loss.xyz", "unknown file type", RUN),
     case("plot-not-a-run", "plot {w}/hf", "no metrics.jsonl"),
+    case("plot-a-file", "plot {w}/empty.txt", "no metrics.jsonl"),
     # params
     case("params-unknown-preset", "params gpt3", "unknown preset"),
     # bench: the output path is checked before anything is timed
     case("bench-json-missing-dir", "bench forward --json {w}/nowhere/out.json", "does not exist"),
     case("bench-unknown-preset", "bench forward --model gpt3", "unknown preset"),
+    case("bench-seq-too-long", "bench forward --seq 100000", "--seq 100000 is too long"),
     case("bench-steps", "bench forward --steps 0", "--steps"),
 ]
 # fmt: on
@@ -216,3 +227,13 @@ def test_bad_input(results, c):
     assert c.message in lines[0], lines[0]
     for k in c.keeps:
         assert before[k] and after[k] == before[k], f"{k} changed"
+
+
+def test_the_same_run_works_with_good_input(results):
+    """Control: the run the cases use is sound, so they fail for their bad input alone. Without
+    --prompt a character-level run starts from a newline (it has no <|endoftext|>)."""
+    w, _, before, _ = results
+    proc = _run_case(case("good", "sample --model {w}/run --max-new-tokens 5", ""), w)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout) == len("\n") + 5 + 1  # the prompt, 5 characters, print's newline
+    assert _tree_hash(w / "run") == before["run"]

@@ -167,6 +167,10 @@ def test_corpus_of_one_piece_is_refused_with_the_right_advice(tmp_path):
     assert meta["val_tokens"] > 0
     with pytest.raises(InputError, match="smaller data.split_chunk"):
         check_fits(np.zeros(3, np.uint8), block_size=16, split="val")
+    # One line cannot be split at all (pieces are whole lines): no split_chunk is suggested.
+    (tmp_path / "line.txt").write_text("To be.\n")
+    with pytest.raises(InputError, match="1 line.* it has one; use a larger corpus"):
+        prepare(tmp_path / "line.txt", tmp_path / "o2", split_chunk=1, progress=False)
 
 
 def _hashes(directory):

@@ -86,6 +86,8 @@ def test_bool_and_string_values():
         ("eval.top_k=-1", "eval.top_k must be an integer >= 0"),
         ("eval.sample_tokens=-5", "eval.sample_tokens"),
         ("data.errors=ignore", "data.errors must be one of"),
+        ("data.split_seed=-1", "data.split_seed must be an integer >= 0"),
+        ("data.seed=-1", "data.seed must be an integer >= 0"),
     ],
 )
 def test_bad_overrides(assignment, message):

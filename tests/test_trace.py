@@ -146,7 +146,8 @@ def test_negative_token_counts_from_the_end(model, tokenizer, spanish):
         (dict(token=20), "token 20 is out of range: the prompt has 20 tokens"),
         (dict(token=-21), "token -21 is out of range: the prompt has 20 tokens .or -20 to -1"),
         (dict(top_k=0), "top_k must be an integer from 1 to 100"),
-        (dict(temperature=0.0), "temperature must be a number > 0"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
         (dict(top_p=1.5), "top_p must be in"),
         (
             dict(prompt=" hola" * 40),

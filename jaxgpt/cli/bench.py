@@ -82,10 +82,19 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name} must be >= 1, got {value}")
-    get_preset(args.model)  # an unknown preset fails here, before any timing
+    config = get_preset(args.model)  # an unknown preset fails here, before any timing
     if args.json is not None:  # and so does an output path that cannot be written
         check_output_path(args.json, "--json")
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    # ... and a --seq the model cannot run (decode needs room for at least one new token).
+    seq_limits = {"forward": config.block_size, "train": config.block_size}
+    seq_limits["decode"] = config.block_size - 1
+    for name in names:
+        if args.seq is not None and args.seq > seq_limits.get(name, args.seq):
+            raise InputError(
+                f"--seq {args.seq} is too long for {name} on {args.model!r} (block_size "
+                f"{config.block_size}): at most {seq_limits[name]}"
+            )
     peak, source = device_peak(args.dtype)
     device = device_name()
     print(f"MFU is relative to a peak of {peak / 1e12:.3g} TFLOP/s: {source}", file=sys.stderr)

@@ -41,7 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"with RANDOM weights ({', '.join(PRESETS)})",
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", default=None, help=f"prompt text (default: {ENDOFTEXT})")
+    source.add_argument(
+        "--prompt", default=None,
+        help=f"prompt text (default: {ENDOFTEXT} for GPT-2's tokenizer, a newline for a "
+        f"character-level run)",
+    )  # fmt: skip
     source.add_argument(
         "--prompt-file", type=Path, default=None, help="read the prompt from this file"
     )
@@ -63,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def read_prompt(args: argparse.Namespace) -> str:
+def read_prompt(args: argparse.Namespace) -> str | None:
     if args.prompt_file is not None:
         try:
             return args.prompt_file.read_text(encoding="utf-8")
@@ -74,7 +78,7 @@ def read_prompt(args: argparse.Namespace) -> str:
                 f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}: "
                 f"{err.reason}); save it as UTF-8"
             ) from err
-    return ENDOFTEXT if args.prompt is None else args.prompt
+    return args.prompt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     model = load_model(args.model, seed=args.seed)
     tokenizer = model.tokenizer
+    if text is None:  # unconditional: GPT-2's document separator; a char vocabulary has none
+        text = ENDOFTEXT if tokenizer.eot_token is not None else "\n"
     # GPT-2's tokenizer: "<|endoftext|>" in the prompt is the special token, not literal text.
     special = {"allowed_special": {ENDOFTEXT}} if tokenizer.eot_token is not None else {}
     prompt = tokenizer.encode(text, **special)
