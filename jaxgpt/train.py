@@ -16,6 +16,7 @@ stops that keep the last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -265,17 +266,22 @@ def initial_params(
 
 
 class _StopFlag:
-    """Turns Ctrl-C into a flag the loop checks between steps (never mid-step)."""
+    """Turns Ctrl-C and SIGTERM into a flag the loop checks between steps (never mid-step).
+
+    In a multi-process run every process must stop after the same step, whichever of them got
+    the signal: `should_stop` agrees on it with a collective every `every` steps.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.stop = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for signum in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -283,9 +289,14 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.stop = True
 
+    def should_stop(self, step: int, every: int) -> bool:
+        if jax.process_count() == 1:
+            return self.stop
+        return step % every == 0 and sharding.any_process(self.stop)
+
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
@@ -320,8 +331,9 @@ def run(
     main = sharding.is_main_process()
     progress = progress and main
     mesh = sharding.make_mesh(exp.parallel.mesh)  # a bad mesh fails before any work is done
-    _check_writable(run_dir)
-    data_dir = ensure_data(exp, data_root, progress=progress)
+    # Process 0 probes the (shared) run directory and prepares the data; the others wait for it.
+    sharding.main_first(lambda: _check_writable(run_dir), others=False)
+    data_dir = sharding.main_first(lambda: ensure_data(exp, data_root, progress=progress))
     meta = data.load_meta(data_dir)
     train_tokens = data.load_tokens(data_dir, "train")
     val_tokens = data.load_tokens(data_dir, "val")
@@ -396,7 +408,8 @@ def run(
     schedule = lr_of(exp)
 
     def evaluate(params: Params) -> dict[str, float]:
-        losses = {s: [eval_loss(params, b) for b in bs] for s, bs in eval_batches.items()}
+        settled = sharding.settled  # one program at a time where collectives need it
+        losses = {s: [settled(eval_loss(params, b)) for b in bs] for s, bs in eval_batches.items()}
         return {f"{s}_loss": float(np.mean(jax.device_get(v))) for s, v in losses.items()}
 
     flops_per_token = flops.flops_per_token(config, T, training=True)
@@ -472,13 +485,13 @@ def run(
     try:
         with _StopFlag() as stop:
             while step < exp.schedule.max_steps:
-                if stop.stop:
+                if stop.should_stop(step, every=exp.eval.log_interval):
                     interrupted = True
                     break
                 local = data.get_batch(train_tokens, B, T, exp.data.seed, step, accum=A, rows=rows)
                 batch = sharding.put_batch(local, train_sharding, (A, B, T + 1))
                 with jax.set_mesh(mesh):  # activates the model's sharding hints
-                    state, metrics = step_fn(state, batch, dropout_key)
+                    state, metrics = sharding.settled(step_fn(state, batch, dropout_key))
                 step += 1
                 window_steps += 1
                 pending.append((step, metrics))
@@ -522,13 +535,16 @@ def run(
     )  # fmt: skip
     if interrupted:
         return result
+    sample = sample and exp.eval.sample_tokens > 0
+    # Every process takes part in gathering the sharded weights; only process 0 samples and plots.
+    params = sharding.gather_to_host(state.params) if sample else None
     if not main:
         return result
     from jaxgpt.plot import plot_run
 
     plot_run(run_dir)
-    if sample and exp.eval.sample_tokens > 0 and jax.process_count() == 1:
-        result.sample = end_of_training_sample(state.params, config, tokenizer, exp)
+    if sample:
+        result.sample = end_of_training_sample(params, config, tokenizer, exp)
     return result
 
 

@@ -39,6 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-sample", action="store_true", help="skip the final sample")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    group = parser.add_argument_group(
+        "multi-process jobs",
+        "join a job of several processes (one per host); the same as JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID. SLURM, Open MPI and TPU pods are detected without "
+        "them. `jaxgpt launch` starts such a job on this machine. See docs/sharding.md",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
+    group.add_argument(
+        "--init-timeout", type=int, default=None, metavar="SECONDS",
+        help="give up if the processes have not all joined by then (300)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -47,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from jaxgpt.train import run as train_run
 
     # Before anything touches a device: join a multi-host job if the environment describes one.
-    maybe_initialize_distributed()
+    maybe_initialize_distributed(
+        args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout
+    )
     overrides = list(args.overrides)
     if args.mesh is not None:
         overrides.append(f"parallel.mesh={args.mesh}")
