@@ -27,8 +27,10 @@ import math
 import os
 import pkgutil
 import re
+import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import numpy as np
@@ -358,26 +360,57 @@ def maybe_initialize_distributed(
     if settings is None:
         return False
     timeout_s = INIT_TIMEOUT_S if timeout_s is None else timeout_s
+    if timeout_s < 1:
+        raise ConfigError(f"the initialisation timeout must be at least 1 s, got {timeout_s}")
     if _cpu_platform(os.environ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # JAX's preemption service takes over SIGTERM (a process would ignore it); jaxgpt's training
     # loop handles SIGTERM itself: every process checkpoints at the same step and exits.
     jax.config.update("jax_enable_preemption_service", False)
+    address = settings.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(detected)"
+    who = "" if settings.process_id is None else f" as process {settings.process_id}"
+    problem = (
+        f"could not join the {settings.num_processes or 'detected'}-process job at coordinator "
+        f"{address} within {timeout_s} s{who}: check that process 0 runs there and that every "
+        f"process has the same address and process count (--init-timeout waits longer)"
+    )
+    # When JAX's own connection deadline passes it aborts the process with a fatal log and a C++
+    # stack; this timer, due a little earlier, says what went wrong in one line and exits first.
+    watchdog = threading.Timer(timeout_s, _exit_with, args=(f"jaxgpt train: error: {problem}",))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             settings.coordinator, settings.num_processes, settings.process_id,
-            initialization_timeout=timeout_s, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+            initialization_timeout=timeout_s + 10, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
         )  # fmt: skip
     except (RuntimeError, ValueError) as err:  # JAX's runtime errors are RuntimeErrors
-        address = settings.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"could not join the {settings.num_processes or 'detected'}-process job at "
-            f"coordinator {address or '(auto-detected)'} within {timeout_s} s as process "
-            f"{settings.process_id if settings.process_id is not None else '(auto)'} ({first}); "
-            f"check that process 0 runs there and every process has the same address and count"
-        ) from err
+        raise ConfigError(f"{problem} ({first})") from err
+    finally:
+        watchdog.cancel()
     return True
+
+
+def _exit_with(message: str, code: int = 2) -> NoReturn:
+    """Print `message` and end the process now (from any thread; no clean-up, no barriers)."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def abandon_job(err: Exception) -> NoReturn:
+    """Leave a multi-process job after `err` (typically a collective whose peer died): one line
+    on stderr and exit code 1 at once, without the shutdown barrier, which would wait for the
+    lost process until the heartbeat timeout and then abort with a fatal log."""
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    _exit_with(
+        f"jaxgpt train: error: process {jax.process_index()} of {jax.process_count()} stopped: "
+        f"{first}. If another process of the job died, this one cannot go on; the run keeps its "
+        f"last checkpoint: start every process again to resume",
+        code=1,
+    )
 
 
 def is_main_process() -> bool:

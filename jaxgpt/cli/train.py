@@ -56,22 +56,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxgpt.sharding import maybe_initialize_distributed
+    from jaxgpt import sharding
     from jaxgpt.train import run as train_run
 
-    # Before anything touches a device: join a multi-host job if the environment describes one.
-    maybe_initialize_distributed(
-        args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout
-    )
     overrides = list(args.overrides)
     if args.mesh is not None:
         overrides.append(f"parallel.mesh={args.mesh}")
-    exp = load_experiment(args.experiment, overrides)
+    exp = load_experiment(args.experiment, overrides)  # bad input fails before joining a job
+    # Before anything touches a device: join a multi-host job if the environment describes one.
+    multi = sharding.maybe_initialize_distributed(
+        args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout
+    )
     out = args.out if args.out is not None else Path("runs") / exp.name
-    result = train_run(
-        exp, run_dir=out, data_root=args.data_dir, fresh=args.fresh, progress=not args.quiet,
-        sample=not args.no_sample,
-    )  # fmt: skip
+    try:
+        result = train_run(
+            exp, run_dir=out, data_root=args.data_dir, fresh=args.fresh, progress=not args.quiet,
+            sample=not args.no_sample,
+        )  # fmt: skip
+    except RuntimeError as err:  # XLA's errors; in a job, a collective whose peer is gone
+        if not multi:
+            raise
+        sharding.abandon_job(err)
+    if not sharding.is_main_process():
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(
             f"interrupted at step {result.step}: checkpoint saved in {out}; "
