@@ -376,7 +376,7 @@ def maybe_initialize_distributed(
     )
     # When JAX's own connection deadline passes it aborts the process with a fatal log and a C++
     # stack; this timer, due a little earlier, says what went wrong in one line and exits first.
-    watchdog = threading.Timer(timeout_s, _exit_with, args=(f"jaxgpt train: error: {problem}",))
+    watchdog = threading.Timer(timeout_s, exit_with, args=(f"jaxgpt train: error: {problem}",))
     watchdog.daemon = True
     watchdog.start()
     try:
@@ -392,7 +392,7 @@ def maybe_initialize_distributed(
     return True
 
 
-def _exit_with(message: str, code: int = 2) -> NoReturn:
+def exit_with(message: str, code: int = 2) -> NoReturn:
     """Print `message` and end the process now (from any thread; no clean-up, no barriers)."""
     print(message, file=sys.stderr)
     sys.stdout.flush()
@@ -405,7 +405,7 @@ def abandon_job(err: Exception) -> NoReturn:
     on stderr and exit code 1 at once, without the shutdown barrier, which would wait for the
     lost process until the heartbeat timeout and then abort with a fatal log."""
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    _exit_with(
+    exit_with(
         f"jaxgpt train: error: process {jax.process_index()} of {jax.process_count()} stopped: "
         f"{first}. If another process of the job died, this one cannot go on; the run keeps its "
         f"last checkpoint: start every process again to resume",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jaxgpt.errors import JaxgptError
 from jaxgpt.experiment import available_experiments, load_experiment
 
 
@@ -77,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
         if not multi:
             raise
         sharding.abandon_job(err)
+    except JaxgptError as err:
+        if not multi:
+            raise
+        # Leave at once: JAX's shutdown barrier would hold this process until the others time out.
+        sharding.exit_with(f"jaxgpt train: error: {err}", code=2)
     if not sharding.is_main_process():
         return 130 if result.interrupted else 0
     if result.interrupted:
