@@ -219,17 +219,38 @@ def test_sigterm_stops_every_process_and_a_lost_process_stops_the_job(tmp_path, 
     assert stopped_at == last_step(run_dir) >= 3
     assert f"interrupted at step {stopped_at}" in results[0][1]
 
-    # The job resumes; a process killed outright stops the other with one clear line.
-    procs = start_job(argv)
-    wait_for(lambda: last_step(run_dir) > stopped_at + 2, "more steps", procs)
-    procs[1].kill()
+    # The job resumes under `jaxgpt launch`; a process killed outright stops the other, which says
+    # so in one line, and the launcher names the process that died.
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "jaxgpt", "launch", "--processes", "2",
+         "--devices-per-process", "2", "--", *argv],
+        env=base_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for(lambda: last_step(run_dir) > stopped_at + 2, "more steps", [launcher])
+    os.kill(child_with_process_id(launcher.pid, 1), signal.SIGKILL)
     start = time.monotonic()
-    (code, _, err), _ = finish(procs, timeout=90)
+    [(code, _, err)] = finish([launcher], timeout=90)
     assert time.monotonic() - start < 90
-    assert code == 1, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("jaxgpt train: error: process 0 of 2 stopped:"), err[-3000:]
-    assert "start every process again to resume" in last
+    assert code == 128 + signal.SIGKILL, err[-3000:]
+    lines = err.strip().splitlines()
+    assert lines[-1] == "jaxgpt launch: error: process 1 was killed by SIGKILL", err[-3000:]
+    lost = [line for line in lines if line.startswith("[0] jaxgpt train: error: process 0 of 2")]
+    assert len(lost) == 1 and lost[0].endswith("start every process again to resume"), err[-3000:]
+
+
+def child_with_process_id(parent: int, process_id: int) -> int:
+    """The pid of the child of `parent` that runs as JAX_PROCESS_ID=`process_id`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"JAX_PROCESS_ID={process_id}".encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"no child of {parent} runs process {process_id}")
 
 
 # --------------------------------------------------------------------------- settings and errors
