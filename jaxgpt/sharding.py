@@ -21,11 +21,16 @@ in the model code.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 import os
+import pkgutil
 import re
-from collections.abc import Sequence
-from typing import Any
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import numpy as np
@@ -33,7 +38,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgpt.config import GPTConfig
-from jaxgpt.errors import ConfigError
+from jaxgpt.errors import ConfigError, JaxgptError
+
+T = TypeVar("T")
 
 AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over both data-like axes.
@@ -235,32 +242,233 @@ def bytes_per_device(tree: Any, mesh: Mesh) -> int:
 
 # --------------------------------------------------------------------------- multi-host
 
-# Environment variables through which launchers announce a multi-process job.
-_CLUSTER_ENV = (
-    "JAX_COORDINATOR_ADDRESS",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_SIZE",
-    "TPU_WORKER_HOSTNAMES",
-)
+# Environment variables through which cluster launchers announce a multi-process job; JAX's own
+# cluster detection reads the coordinator, process count and id from them.
+_CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+INIT_TIMEOUT_S = 300  # how long processes wait for each other to join (JAX's default)
+# A process that stops sending heartbeats (killed, machine lost) is declared dead after this long.
+HEARTBEAT_TIMEOUT_S = 30
 
 
-def maybe_initialize_distributed() -> bool:
-    """Call `jax.distributed.initialize()` when the environment describes a multi-process job.
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    """How this process joins a multi-process job. None fields are left to JAX's cluster
+    detection (SLURM, Open MPI, TPU pod)."""
 
-    JAX reads the coordinator address, process count and id from the environment (explicit
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or SLURM, Open MPI, or a TPU pod
-    slice). Returns True if it initialised.
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+
+
+def _int_setting(value: str | int | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _cluster_detected(env: Mapping[str, str]) -> bool:
+    sizes = [env.get(name, "") for name in _CLUSTER_SIZE_ENV]
+    many = any(size.isdigit() and int(size) > 1 for size in sizes)
+    return many or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def distributed_settings(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> DistributedSettings | None:
+    """The multi-process job this process belongs to, or None for a single-process run.
+
+    Explicit values (the `jaxgpt train --coordinator/--num-processes/--process-id` flags) win over
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; without any of them, a SLURM
+    job with several tasks, an Open MPI job or a TPU pod slice is detected as before.
+    Inconsistent settings are a ConfigError naming the variable.
     """
-    multi = os.environ.get("JAX_COORDINATOR_ADDRESS") or any(
-        int(os.environ.get(name, "1") or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-    )
-    multi = multi or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if not multi:
+    env = os.environ if env is None else env
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = _int_setting(env.get("JAX_NUM_PROCESSES"), "JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _int_setting(env.get("JAX_PROCESS_ID"), "JAX_PROCESS_ID")
+    cluster = _cluster_detected(env)
+    if coordinator is None and num_processes is None and process_id is None:
+        return DistributedSettings(None, None, None) if cluster else None
+    if coordinator is None and not cluster:
+        given = "JAX_NUM_PROCESSES" if num_processes is not None else "JAX_PROCESS_ID"
+        raise ConfigError(
+            f"{given} is set but JAX_COORDINATOR_ADDRESS is not: set it (or --coordinator) to "
+            f"HOST:PORT of process 0, the same on every process"
+        )
+    if coordinator is not None:
+        host, sep, port = coordinator.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                f"coordinator address {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234"
+            )
+    if not cluster and (num_processes is None or process_id is None):
+        missing = "JAX_NUM_PROCESSES" if num_processes is None else "JAX_PROCESS_ID"
+        raise ConfigError(
+            f"JAX_COORDINATOR_ADDRESS={coordinator} is set but {missing} is not (and no SLURM, "
+            f"Open MPI or TPU pod job was detected): set {missing} (or --num-processes / "
+            f"--process-id) on every process"
+        )
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"the number of processes must be at least 1, got {num_processes}")
+    if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+        raise ConfigError(
+            f"process id {process_id} is out of range: expected 0 .. {num_processes - 1} "
+            f"for {num_processes} processes"
+        )
+    return DistributedSettings(coordinator, num_processes, process_id)
+
+
+def _cpu_platform(env: Mapping[str, str]) -> bool:
+    """Whether JAX computes on the CPU: JAX_PLATFORMS says so, or no accelerator is installed."""
+    platforms = env.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    try:
+        import jax_plugins  # namespace package of the CUDA / ROCm plugins
+    except ImportError:
+        plugins = []
+    else:
+        plugins = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    return not plugins and importlib.util.find_spec("libtpu") is None
+
+
+def maybe_initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int | None = None,
+) -> bool:
+    """Join a multi-process job with `jax.distributed.initialize` when one is described.
+
+    Must run before anything touches a device. The settings come from `distributed_settings`
+    (flags, JAX_* variables, or SLURM / Open MPI / TPU detection). On the CPU platform the
+    cross-process collectives go through gloo. A coordinator that cannot be reached, or processes
+    that do not all join within `timeout_s` seconds (default `INIT_TIMEOUT_S`), are a ConfigError
+    naming the address.
+    Returns True if it initialised.
+    """
+    settings = distributed_settings(coordinator, num_processes, process_id)
+    if settings is None:
         return False
-    jax.distributed.initialize()
+    timeout_s = INIT_TIMEOUT_S if timeout_s is None else timeout_s
+    if timeout_s < 1:
+        raise ConfigError(f"the initialisation timeout must be at least 1 s, got {timeout_s}")
+    if _cpu_platform(os.environ):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service takes over SIGTERM (a process would ignore it); jaxgpt's training
+    # loop handles SIGTERM itself: every process checkpoints at the same step and exits.
+    jax.config.update("jax_enable_preemption_service", False)
+    address = settings.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "(detected)"
+    who = "" if settings.process_id is None else f" as process {settings.process_id}"
+    problem = (
+        f"could not join the {settings.num_processes or 'detected'}-process job at coordinator "
+        f"{address} within {timeout_s} s{who}: check that process 0 runs there and that every "
+        f"process has the same address and process count (--init-timeout waits longer)"
+    )
+    # When JAX's own connection deadline passes it aborts the process with a fatal log and a C++
+    # stack; this timer, due a little earlier, says what went wrong in one line and exits first.
+    watchdog = threading.Timer(timeout_s, exit_with, args=(f"jaxgpt train: error: {problem}",))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            settings.coordinator, settings.num_processes, settings.process_id,
+            initialization_timeout=timeout_s + 10, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        )  # fmt: skip
+    except (RuntimeError, ValueError) as err:  # JAX's runtime errors are RuntimeErrors
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{problem} ({first})") from err
+    finally:
+        watchdog.cancel()
     return True
+
+
+def exit_with(message: str, code: int = 2) -> NoReturn:
+    """Print `message` and end the process now (from any thread; no clean-up, no barriers)."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def abandon_job(err: Exception) -> NoReturn:
+    """Leave a multi-process job after `err` (typically a collective whose peer died): one line
+    on stderr and exit code 1 at once, without the shutdown barrier, which would wait for the
+    lost process until the heartbeat timeout and then abort with a fatal log."""
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    exit_with(
+        f"jaxgpt train: error: process {jax.process_index()} of {jax.process_count()} stopped: "
+        f"{first}. If another process of the job died, this one cannot go on; the run keeps its "
+        f"last checkpoint: start every process again to resume",
+        code=1,
+    )
 
 
 def is_main_process() -> bool:
     """Only process 0 writes logs, plots and progress bars."""
     return jax.process_index() == 0
+
+
+def settled(x: T) -> T:
+    """`x` once computed, in a multi-process run on CPUs; `x` at once anywhere else.
+
+    With gloo, cross-process programs dispatched ahead of each other can run their collectives in
+    different orders in different processes and deadlock (seen here: a run hung in its evaluation
+    after dozens of queued steps and eval batches). Waiting for each program keeps them in order.
+    """
+    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+        jax.block_until_ready(x)
+    return x
+
+
+def main_first(fn: Callable[[], T], *, others: bool = True) -> T | None:
+    """`fn()` on process 0 while the other processes wait at a barrier; then on them if `others`.
+
+    For work on a shared filesystem that must not run in several processes at once (preparing the
+    data, probing the run directory): the others' `fn()` then finds it done. If `fn` raises a
+    JaxgptError on process 0, every process stops: process 0 with its error, the others with a
+    ConfigError pointing at it. Returns `fn()`'s result (None where it did not run).
+    """
+    if jax.process_count() == 1:
+        return fn()
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except JaxgptError as err:
+            error = err
+    if any_process(error is not None):  # the barrier: every process waits for process 0 here
+        if error is not None:
+            raise error
+        raise ConfigError("process 0 stopped with an error (see its message); stopping too")
+    if others and not is_main_process():
+        result = fn()
+    return result
+
+
+def gather_to_host(tree: Any) -> Any:
+    """`tree` as whole arrays in this process (a collective in a multi-process run: every process
+    must call it); the arrays themselves in a single-process run."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))

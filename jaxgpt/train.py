@@ -16,6 +16,7 @@ stops that keep the last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -400,17 +401,22 @@ def _diverged(run_dir: Path, s: int, loss: float, grad_norm: float, main: bool) 
 
 
 class _StopFlag:
-    """Turns Ctrl-C into a flag the loop checks between steps (never mid-step)."""
+    """Turns Ctrl-C and SIGTERM into a flag the loop checks between steps (never mid-step).
+
+    In a multi-process run every process must stop after the same step, whichever of them got
+    the signal: `should_stop` agrees on it with a collective every `every` steps.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.stop = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for signum in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -418,9 +424,14 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.stop = True
 
+    def should_stop(self, step: int, every: int) -> bool:
+        if jax.process_count() == 1:
+            return self.stop
+        return step % every == 0 and sharding.any_process(self.stop)
+
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
@@ -455,8 +466,9 @@ def run(
     main = sharding.is_main_process()
     progress = progress and main
     mesh = sharding.make_mesh(exp.parallel.mesh)  # a bad mesh fails before any work is done
-    _check_writable(run_dir)
-    data_dir = ensure_data(exp, data_root, progress=progress)
+    # Process 0 probes the (shared) run directory and prepares the data; the others wait for it.
+    sharding.main_first(lambda: _check_writable(run_dir), others=False)
+    data_dir = sharding.main_first(lambda: ensure_data(exp, data_root, progress=progress))
     meta = data.load_meta(data_dir)
     T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
     source = batches.make_source(data_dir, B, T, A, exp.data.seed)
@@ -553,9 +565,11 @@ def run(
     def evaluate(params: Params) -> dict[str, float]:
         """Mean loss per split over its fixed batches, each weighted by the tokens it scores;
         for the arithmetic demo also the greedy accuracy on 200 held-out problems."""
+        settled = sharding.settled  # one program at a time where collectives need it
         out = {}
         for split, fixed in eval_batches.items():
-            loss_N, weight_N = np.asarray(jax.device_get([eval_loss(params, b) for b in fixed])).T
+            scored_N = [settled(eval_loss(params, b)) for b in fixed]
+            loss_N, weight_N = np.asarray(jax.device_get(scored_N)).T
             out[f"{split}_loss"] = float((loss_N * weight_N).sum() / max(weight_N.sum(), 1.0))
         if exp.data.source == "arithmetic" and jax.process_count() == 1:
             from jaxgpt import arithmetic
@@ -633,7 +647,7 @@ def run(
     try:
         with _StopFlag() as stop:
             while step < exp.schedule.max_steps:
-                if stop.stop:
+                if stop.should_stop(step, every=exp.eval.log_interval):
                     interrupted = True
                     break
                 batch = jax.tree.map(
@@ -641,7 +655,7 @@ def run(
                     source.train(step, rows),
                 )
                 with jax.set_mesh(mesh):  # activates the model's sharding hints
-                    state, metrics = step_fn(state, batch, dropout_key)
+                    state, metrics = sharding.settled(step_fn(state, batch, dropout_key))
                 step += 1
                 window_steps += 1
                 pending.append((step, metrics))
@@ -685,17 +699,20 @@ def run(
     )  # fmt: skip
     if interrupted:
         return result
+    sample = sample and exp.eval.sample_tokens > 0
+    chat = exp.data.format == "chat"
+    # Every process takes part in gathering the sharded weights; only process 0 samples and plots.
+    params = sharding.gather_to_host(state.params) if sample or chat else None
     if not main:
         return result
     from jaxgpt.plot import plot_run
 
     plot_run(run_dir)
-    chat = exp.data.format == "chat"
     if chat:
-        result.report = write_report(run_dir, exp, result, state.params, config, tokenizer)
-    if sample and exp.eval.sample_tokens > 0 and jax.process_count() == 1:
+        result.report = write_report(run_dir, exp, result, params, config, tokenizer)
+    if sample:
         make_sample = chat_sample if chat else end_of_training_sample
-        result.sample = make_sample(state.params, config, tokenizer, exp)
+        result.sample = make_sample(params, config, tokenizer, exp)
     return result
 
 

@@ -14,7 +14,9 @@ from typing import NoReturn
 from jaxgpt.errors import JaxgptError
 
 # Subcommand modules, in the order `jaxgpt --help` lists them.
-COMMANDS = ("prepare", "train", "eval", "sample", "chat", "trace", "plot", "params", "bench")
+COMMANDS = (
+    "prepare", "train", "launch", "eval", "sample", "chat", "trace", "plot", "params", "bench",
+)  # fmt: skip
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jaxgpt.errors import JaxgptError
 from jaxgpt.experiment import available_experiments, load_experiment
 
 
@@ -42,24 +43,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-sample", action="store_true", help="skip the final sample")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    group = parser.add_argument_group(
+        "multi-process jobs",
+        "join a job of several processes (one per host); the same as JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID. SLURM, Open MPI and TPU pods are detected without "
+        "them. `jaxgpt launch` starts such a job on this machine. See docs/sharding.md",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. N-1")
+    group.add_argument(
+        "--init-timeout", type=int, default=None, metavar="SECONDS",
+        help="give up if the processes have not all joined by then (300)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxgpt.sharding import maybe_initialize_distributed
+    from jaxgpt import sharding
     from jaxgpt.train import run as train_run
 
-    # Before anything touches a device: join a multi-host job if the environment describes one.
-    maybe_initialize_distributed()
     overrides = list(args.overrides)
     if args.mesh is not None:
         overrides.append(f"parallel.mesh={args.mesh}")
-    exp = load_experiment(args.experiment, overrides)
+    exp = load_experiment(args.experiment, overrides)  # bad input fails before joining a job
+    # Before anything touches a device: join a multi-host job if the environment describes one.
+    multi = sharding.maybe_initialize_distributed(
+        args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout
+    )
     out = args.out if args.out is not None else Path("runs") / exp.name
-    result = train_run(
-        exp, run_dir=out, data_root=args.data_dir, fresh=args.fresh, progress=not args.quiet,
-        sample=not args.no_sample,
-    )  # fmt: skip
+    try:
+        result = train_run(
+            exp, run_dir=out, data_root=args.data_dir, fresh=args.fresh, progress=not args.quiet,
+            sample=not args.no_sample,
+        )  # fmt: skip
+    except RuntimeError as err:  # XLA's errors; in a job, a collective whose peer is gone
+        if not multi:
+            raise
+        sharding.abandon_job(err)
+    except JaxgptError as err:
+        if not multi:
+            raise
+        # Leave at once: JAX's shutdown barrier would hold this process until the others time out.
+        sharding.exit_with(f"jaxgpt train: error: {err}", code=2)
+    if not sharding.is_main_process():
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(
             f"interrupted at step {result.step}: checkpoint saved in {out}; "
