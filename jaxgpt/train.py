@@ -236,7 +236,7 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
     print(f"preparing {d.source!r} → {data_dir} ({d.tokenizer} tokens)", file=sys.stderr)
     meta = data.prepare(
         d.source, data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
-        split_seed=d.split_seed, split_chunk=d.split_chunk, progress=progress,
+        split_seed=d.split_seed, split_chunk=d.split_chunk, errors=d.errors, progress=progress,
     )  # fmt: skip
     print(
         f"  {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "

@@ -91,6 +91,18 @@ CASES = [
          "--data-dir {w}/data", "unknown experiment key optim.'lrr'", ("run_unknownkey",)),
     case("train-experiment-not-json", "train {w}/tiny.py --out {w}/run_notjson "
          "--data-dir {w}/data", "experiment.json", ("run_notjson",)),
+    case("train-fresh-bad-init", "train {w}/tiny.py --out {w}/run --data-dir {w}/data --fresh "
+         "--set model.init={w}/typo", "does not exist", RUN),
+    # eval
+    case("eval-json-missing-dir", "eval --model {w}/run --data {w}/data/tiny "
+         "--json {w}/nope/out.json", "does not exist", RUN),
+    # chat
+    case("chat-no-chat-tokens", "chat --model {w}/run --prompt hi", "no chat tokens", RUN),
+    case("chat-input-missing", "chat --model {w}/run --input {w}/nope.jsonl --output "
+         "{w}/answers.jsonl", "is not a file", RUN),
+    # launch
+    case("launch-processes-0", "launch --processes 0 -- train {w}/tiny.py",
+         "--processes must be at least 1"),
     # sample
     case("sample-prompt-not-utf8", "sample --model {w}/run --prompt-file {w}/latin1.txt",
          "not UTF-8", RUN),
@@ -113,8 +125,8 @@ CASES = [
     case("sample-top-p", "sample --model {w}/run --top-p 1.5", "top_p", RUN),
     case("sample-unknown-char", "sample --model {w}/run --prompt \u20ac", "not in this", RUN),
     case("sample-missing-model", "sample --model {w}/nowhere", "does not exist"),
-    case("sample-too-long", "sample --model {w}/run --prompt abc --max-new-tokens 100",
-         "block_size", RUN),
+    case("sample-max-new-tokens", "sample --model {w}/run --prompt abc --max-new-tokens 0",
+         "max-new-tokens", RUN),
     # trace
     case("trace-layer", "trace --model {w}/run --prompt the --layer 9", "layer", RUN),
     case("trace-temperature-nan", "trace --model {w}/run --prompt the --temperature nan",

@@ -320,7 +320,7 @@ def test_corpus_smaller_than_a_block(tmp_path, tiny_experiment_file, capsys):
     exp = load_experiment(str(tiny_experiment_file()))
     (tmp_path / "small.txt").write_text("To be.\n")
     small = apply_overrides(exp, [f"data.source={tmp_path / 'small.txt'}", "data.dataset=small"])
-    with pytest.raises(InputError, match="fewer than one block"):
+    with pytest.raises(InputError, match="cannot be split into train and val"):
         run(small, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
     missing = apply_overrides(exp, [f"data.source={tmp_path / 'nope'}", "data.dataset=nope"])
     with pytest.raises(InputError, match="does not exist"):
