@@ -13,7 +13,7 @@ import sys
 from jaxgpt.errors import JaxgptError
 
 # Subcommand modules, in the order `jaxgpt --help` lists them.
-COMMANDS = ("prepare", "train", "sample", "trace", "plot", "params", "bench")
+COMMANDS = ("prepare", "train", "sample", "trace", "explore", "plot", "params", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
