@@ -1,8 +1,8 @@
 """What the explorer page draws, computed once per request from the real forward pass.
 
     text or token ids (≤ max_tokens)
-      → `forward(..., capture=True)` on the ids right-padded to `max_tokens` (one compilation;
-        causal attention makes the padding invisible to the real positions)
+      → `forward(..., capture=True)` on the ids right-padded to 16, 32 or 64 tokens (a few
+        compilations; causal attention makes the padding invisible to the real positions)
       → tokens (piece, id, bytes), embeddings x_embed [T, D], attention [L, H, T, T] (lower
         triangle), ‖x‖ after each stage [L+1, T], the logit lens at one position, and the
         final logits of the top candidates at the last position
@@ -15,7 +15,7 @@ message for the page on bad input.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -39,6 +39,9 @@ class Explorer:
     """A loaded model and the limits of the page."""
 
     model: LoadedModel
+    # The captures of the last few sequences: clicking a position (the logit lens) after an
+    # analysis reads the pass already made instead of running the model again.
+    _captures: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def max_tokens(self) -> int:
@@ -86,9 +89,22 @@ class Explorer:
     # ------------------------------------------------------------------ the one forward pass
 
     def capture(self, ids: list[int]) -> dict[str, Any]:
-        """`forward(..., capture=True)` on ids right-padded to max_tokens, as numpy, cut to T."""
+        """`forward(..., capture=True)` on ids right-padded to `bucket(T)`, as numpy, cut to T."""
+        key = tuple(ids)
+        if key not in self._captures:
+            if len(self._captures) >= 4:
+                self._captures.pop(next(iter(self._captures)))  # the oldest
+            self._captures[key] = self._capture(ids)
+        return self._captures[key]
+
+    def bucket(self, n: int) -> int:
+        """The padded length for n tokens: 16, 32 or 64 (capped at max_tokens), so a few
+        compilations serve every length and a short prompt does not pay for 64 positions."""
+        return min(self.max_tokens, max(16, 1 << (n - 1).bit_length()))
+
+    def _capture(self, ids: list[int]) -> dict[str, Any]:
         T = len(ids)
-        padded_1S = np.zeros((1, self.max_tokens), np.int32)
+        padded_1S = np.zeros((1, self.bucket(T)), np.int32)
         padded_1S[0, :T] = ids
         _, cap = _forward_capture(self.model.params, jnp.asarray(padded_1S), self.model.config)
         cap = jax.tree.map(np.asarray, cap)
@@ -122,12 +138,18 @@ class Explorer:
         return rows
 
     def piece(self, token_id: int) -> str:
-        return token_piece(self.model.tokenizer, token_id)
+        try:
+            return token_piece(self.model.tokenizer, token_id)
+        except (KeyError, IndexError, ValueError):  # a padded vocabulary: ids with no text
+            return f"<{token_id}>"
 
     def token_bytes(self, token_id: int) -> str:
         tok = self.model.tokenizer
         single = getattr(tok, "decode_single_token_bytes", None)
-        raw = single(token_id) if single else tok.decode([token_id]).encode("utf-8")
+        try:
+            raw = single(token_id) if single else tok.decode([token_id]).encode("utf-8")
+        except (KeyError, IndexError, ValueError):
+            return "(none: outside the tokenizer)"
         return raw.hex(" ")
 
     def analyze(self, ids: list[int], position: int | None = None) -> dict[str, Any]:
@@ -186,10 +208,11 @@ class Explorer:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
             raise InputError(f"seed must be an integer from 0 to 2^31 - 1, got {seed!r}")
         sampler = make_sampler(temperature, top_k, top_p)
-        # The decoder on the ids left-padded to max_tokens (row semantics of a ragged batch: the
-        # padding is masked and positions count from the first real slot), so one compilation
-        # serves every length; the same keys as `generate(ids, 1, key=jax.random.key(seed))`.
-        S, T = self.max_tokens, len(ids)
+        # The decoder on the ids left-padded to a bucket length (row semantics of a ragged batch:
+        # the padding is masked and positions count from the first real slot), so a few
+        # compilations serve every length; the same keys as `generate(ids, 1, key=key(seed))`.
+        T = len(ids)
+        S = self.bucket(T)
         tokens_1S = np.zeros((1, S), np.int32)
         tokens_1S[0, S - T :] = ids
         new_11 = decode_padded(

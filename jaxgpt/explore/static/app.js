@@ -20,10 +20,12 @@ async function api(path, body) {
 }
 
 async function run(task) {
+  const started = performance.now();
   document.body.dataset.state = "busy";
   $("status").textContent = "computing…";
   try {
     await task();
+    explorer.lastMs = performance.now() - started;  // request, JSON and drawing
     $("error").hidden = true;
     document.body.dataset.state = "ready";
     $("status").textContent = "";
@@ -155,7 +157,7 @@ function drawLens(lens) {
   for (const row of lens) {
     const tr = table.insertRow();
     tr.insertCell().textContent = row.stage;
-    tr.insertCell().textContent = row.top.map((t) => `${t.piece} ${t.p.toFixed(3)}`).join("  ");
+    tr.insertCell().textContent = row.top.map((t) => `${t.piece} ${prob(t.p)}`).join("  ");
   }
 }
 
@@ -218,11 +220,15 @@ function drawDistribution() {
     const w = 420 * c.prob, y = r * barH;
     return `<text x="0" y="${y + 14}" font-size="12" font-family="monospace">${escapeXml(c.piece)} ${c.id}</text>` +
       `<rect x="170" y="${y + 3}" width="${w}" height="${barH - 6}" fill="#dd8452"></rect>` +
-      `<text x="${174 + w}" y="${y + 14}" font-size="12">${c.prob.toFixed(4)}</text>`;
+      `<text x="${174 + w}" y="${y + 14}" font-size="12">${prob(c.prob)}</text>`;
   }).join("");
   const mass = (100 * explorer.data.candidates_mass).toPrecision(3);
   $("dist-note").textContent = `probabilities among the ${explorer.data.candidates.length} most ` +
     `likely tokens (${mass} % of the mass at temperature 1), after the filters`;
+}
+
+function prob(p) {  // tiny probabilities (random weights) keep their digits
+  return p >= 1e-3 ? p.toFixed(3) : p.toExponential(1);
 }
 
 function escapeXml(s) {
@@ -230,6 +236,11 @@ function escapeXml(s) {
 }
 
 // ------------------------------------------------------------------ everything
+
+function showTiming(data) {
+  $("timing").textContent = `page update ${Math.round(explorer.lastMs)} ms; server ` +
+    `${data.server_ms} ms` + (data.sample_ms !== undefined ? ` (sampling ${data.sample_ms} ms)` : "");
+}
 
 function show(data) {
   explorer.data = data;
@@ -241,8 +252,6 @@ function show(data) {
   drawLens(data.lens);
   drawDistribution();
   explorer.updates += 1;
-  $("timing").textContent = `server: ${data.server_ms} ms` +
-    (data.sample_ms !== undefined ? ` (sampling ${data.sample_ms} ms)` : "");
 }
 
 async function analyze() {
@@ -250,6 +259,7 @@ async function analyze() {
     explorer.position = Infinity;
     show(await api("/api/analyze", { text: $("prompt").value }));
   });
+  if (explorer.data) showTiming(explorer.data);
 }
 
 async function nextToken() {
@@ -259,6 +269,7 @@ async function nextToken() {
     const data = await api("/api/next", { ids: explorer.data.ids, seed: explorer.seed, ...settings() });
     show(data);
   });
+  showTiming(explorer.data);
 }
 
 async function start() {
