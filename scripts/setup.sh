@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv/ beside this repository and install jaxgpt with its test and Hugging Face extras,
+# Create .venv/ beside this repository and install jaxgpt with its test, Hugging Face and web extras,
 # at the versions in scripts/constraints.txt. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,5 +8,5 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and explicitly: its CPU build. An unpinned `torch` resolves to a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[test,hf]"
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[test,hf,web]"
 echo "jaxgpt is installed in .venv/ (activate it with: . .venv/bin/activate)"

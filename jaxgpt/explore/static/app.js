@@ -1,0 +1,295 @@
+// jaxgpt explore: draws what the server computed (one forward pass per request); nothing here
+// computes the model. The only arithmetic is the sampling filter on the returned candidates'
+// logits (temperature, top-k, top-p, in the order and semantics of jaxgpt/sampling.py).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const explorer = { info: null, data: null, drawn: null, position: 0, seed: 0, updates: 0 };
+window.explorer = explorer;
+
+// ------------------------------------------------------------------ talking to the server
+
+async function api(path, body) {
+  const response = await fetch(path, body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  let data;
+  try { data = await response.json(); } catch { data = { error: `server answered ${response.status}` }; }
+  if (!response.ok) throw new Error(data.error || `server answered ${response.status}`);
+  return data;
+}
+
+async function run(task) {
+  const started = performance.now();
+  document.body.dataset.state = "busy";
+  $("status").textContent = "computing…";
+  try {
+    await task();
+    explorer.lastMs = performance.now() - started;  // request, JSON and drawing
+    $("error").hidden = true;
+    document.body.dataset.state = "ready";
+    $("status").textContent = "";
+  } catch (err) {
+    $("error").textContent = err.message;
+    $("error").hidden = false;
+    document.body.dataset.state = "error";
+    $("status").textContent = "";
+  }
+}
+
+// ------------------------------------------------------------------ colours
+
+function blues(w) {  // 0 → white, 1 → dark blue
+  const t = Math.sqrt(Math.max(0, Math.min(1, w)));
+  return `rgb(${Math.round(247 - 239 * t)},${Math.round(251 - 203 * t)},${Math.round(255 - 148 * t)})`;
+}
+function diverging(v) {  // -1 blue, 0 white, +1 red
+  const t = Math.min(1, Math.abs(v));
+  const c = Math.round(255 * (1 - t));
+  return v >= 0 ? `rgb(255,${c},${c})` : `rgb(${c},${c},255)`;
+}
+
+// ------------------------------------------------------------------ 1. tokens
+
+function drawTokens() {
+  const { tokens } = explorer.data;
+  $("tokens-shape").textContent = `${tokens.length} tokens, ids [1, ${tokens.length}]`;
+  const box = $("tokens");
+  box.replaceChildren();
+  tokens.forEach((tok, i) => {
+    const chip = document.createElement("span");
+    chip.className = "tok" + (i === explorer.position ? " selected" : "");
+    chip.dataset.id = tok.id;
+    chip.dataset.pos = i;
+    chip.title = `position ${i}\npiece ${tok.piece}\nid ${tok.id}\nbytes ${tok.bytes}`;
+    chip.append(tok.piece.slice(1, -1).replace(/\\n/g, "↵") || " ");
+    const sub = document.createElement("sub");
+    sub.textContent = tok.id;
+    chip.append(sub);
+    chip.addEventListener("click", () => selectPosition(i));
+    box.append(chip);
+  });
+}
+
+function shadeTokens(weights) {  // weights[j] for keys j; undefined: back to normal
+  document.querySelectorAll("#tokens .tok").forEach((chip, j) => {
+    chip.style.background = weights && j < weights.length ? blues(weights[j]) : "";
+    chip.style.color = weights && weights[j] > 0.5 ? "white" : "";
+  });
+}
+
+// ------------------------------------------------------------------ 2. embeddings
+
+function drawEmbeddings() {
+  const rows = explorer.data.embeddings;
+  const canvas = $("embeddings");
+  const D = rows[0].length, rowH = 10;
+  canvas.width = Math.min(768, D * Math.max(1, Math.floor(768 / D)));
+  canvas.height = rows.length * rowH;
+  const ctx = canvas.getContext("2d");
+  const scale = Math.max(...rows.flat().map(Math.abs)) || 1;
+  const colW = canvas.width / D;
+  rows.forEach((row, t) => row.forEach((v, d) => {
+    ctx.fillStyle = diverging(v / scale);
+    ctx.fillRect(d * colW, t * rowH, Math.ceil(colW), rowH - 1);
+  }));
+  canvas.title = `x_embed [${rows.length}, ${D}]; colour scale ±${scale.toFixed(3)}`;
+}
+
+// ------------------------------------------------------------------ 3. attention
+
+function drawAttention(hoverRow) {
+  const layer = Number($("layer").value), head = Number($("head").value);
+  const rows = explorer.data.attention[layer][head];
+  const T = rows.length;
+  const canvas = $("attention");
+  const cell = Math.max(4, Math.floor(480 / T));
+  canvas.width = canvas.height = cell * T;
+  const ctx = canvas.getContext("2d");
+  for (let i = 0; i < T; i++) {
+    for (let j = 0; j < T; j++) {
+      ctx.fillStyle = j <= i ? blues(rows[i][j]) : "#e4e4e4";
+      ctx.fillRect(j * cell, i * cell, cell, cell);
+    }
+  }
+  if (hoverRow !== undefined) {
+    ctx.strokeStyle = "#d60";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(1, hoverRow * cell + 1, (hoverRow + 1) * cell - 2, cell - 2);
+  }
+  explorer.drawn = { layer, head, rows };
+}
+
+function hoverAttention(event) {
+  if (!explorer.data) return;
+  const rows = explorer.drawn.rows;
+  const cell = $("attention").width / rows.length;
+  const i = Math.floor(event.offsetY / cell);
+  if (i < 0 || i >= rows.length) return;
+  drawAttention(i);
+  shadeTokens(rows[i]);
+  const tokens = explorer.data.tokens;
+  const top = rows[i].map((w, j) => [w, j]).sort((a, b) => b[0] - a[0]).slice(0, 3);
+  $("attn-info").textContent = `query ${i} ${tokens[i].piece} reads: ` +
+    top.map(([w, j]) => `${tokens[j].piece} (${j}) ${w.toFixed(3)}`).join(", ");
+}
+
+// ------------------------------------------------------------------ 4. residual stream and lens
+
+function drawLens(lens) {
+  const pos = explorer.position, tok = explorer.data.tokens[pos];
+  $("lens-position").textContent = `‖x‖ after each stage at position ${pos} ${tok.piece}`;
+  const svg = $("norms");
+  const norms = explorer.data.norms.map((perPos) => perPos[pos]);
+  const max = Math.max(...norms) || 1, barH = Math.min(24, 200 / norms.length);
+  svg.setAttribute("height", norms.length * barH + 10);
+  svg.innerHTML = norms.map((n, s) => {
+    const w = 300 * n / max, y = s * barH;
+    const name = s === 0 ? "embed" : `block ${s - 1}`;
+    return `<text x="0" y="${y + barH * 0.7}" font-size="11">${name}</text>` +
+      `<rect x="62" y="${y + 2}" width="${w}" height="${barH - 4}" fill="#4c72b0"></rect>` +
+      `<text x="${66 + w}" y="${y + barH * 0.7}" font-size="11">${n.toFixed(2)}</text>`;
+  }).join("");
+  const table = $("lens");
+  table.replaceChildren();
+  const head = table.insertRow();
+  head.innerHTML = "<th>stage</th><th>top next tokens (probability)</th>";
+  for (const row of lens) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = row.stage;
+    tr.insertCell().textContent = row.top.map((t) => `${t.piece} ${prob(t.p)}`).join("  ");
+  }
+}
+
+async function selectPosition(i) {
+  explorer.position = i;
+  document.querySelectorAll("#tokens .tok").forEach((c, j) => c.classList.toggle("selected", j === i));
+  await run(async () => {
+    const { lens } = await api("/api/lens", { ids: explorer.data.ids, position: i });
+    drawLens(lens);
+  });
+}
+
+// ------------------------------------------------------------------ 5. the next-token distribution
+
+function settings() {
+  const temperature = Number($("temperature").value);
+  const k = Math.floor(Number($("top-k").value));
+  const p = Number($("top-p").value);
+  return { temperature, top_k: k >= 1 ? k : null, top_p: p < 1 ? p : null };
+}
+
+// The candidates that survive the filters, with their renormalised probabilities; candidates
+// arrive sorted by logit, highest first (ties: lower id first, as argmax picks).
+function filterCandidates(cands, { temperature, top_k, top_p }) {
+  if (temperature === 0) return [{ ...cands[0], prob: 1 }];
+  const z = cands.map((c) => c.logit / temperature);
+  let keep = z.map(() => true);
+  if (top_k !== null && top_k < z.length) keep = z.map((v) => v >= z[top_k - 1]);
+  const softmax = () => {
+    const m = Math.max(...z.filter((_, i) => keep[i]));
+    const e = z.map((v, i) => (keep[i] ? Math.exp(v - m) : 0));
+    const s = e.reduce((a, b) => a + b, 0);
+    return e.map((v) => v / s);
+  };
+  if (top_p !== null) {  // drop the least likely tokens whose cumulative mass is <= 1 - p
+    const probs = softmax();
+    let cumulative = 0;
+    for (let i = z.length - 1; i >= 1; i--) {
+      cumulative += probs[i];
+      if (cumulative <= 1 - top_p) keep[i] = false;
+    }
+  }
+  const probs = softmax();
+  return cands.map((c, i) => ({ ...c, prob: probs[i] })).filter((_, i) => keep[i]);
+}
+
+function drawDistribution() {
+  const s = settings();
+  $("temperature-value").textContent = s.temperature.toFixed(2);
+  $("top-p-value").textContent = Number($("top-p").value).toFixed(2);
+  if (!explorer.data) return;
+  const kept = filterCandidates(explorer.data.candidates, s);
+  explorer.kept = kept;
+  $("candidates-count").textContent = `${kept.length} candidate${kept.length === 1 ? "" : "s"}`;
+  $("candidates-count").dataset.count = kept.length;
+  const shown = kept.slice(0, 15), barH = 20;
+  const svg = $("dist");
+  svg.setAttribute("height", shown.length * barH + 6);
+  svg.innerHTML = shown.map((c, r) => {
+    const w = 420 * c.prob, y = r * barH;
+    return `<text x="0" y="${y + 14}" font-size="12" font-family="monospace">${escapeXml(c.piece)} ${c.id}</text>` +
+      `<rect x="170" y="${y + 3}" width="${w}" height="${barH - 6}" fill="#dd8452"></rect>` +
+      `<text x="${174 + w}" y="${y + 14}" font-size="12">${prob(c.prob)}</text>`;
+  }).join("");
+  const mass = (100 * explorer.data.candidates_mass).toPrecision(3);
+  $("dist-note").textContent = `probabilities among the ${explorer.data.candidates.length} most ` +
+    `likely tokens (${mass} % of the mass at temperature 1), after the filters`;
+}
+
+function prob(p) {  // tiny probabilities (random weights) keep their digits
+  return p >= 1e-3 ? p.toFixed(3) : p.toExponential(1);
+}
+
+function escapeXml(s) {
+  return s.replace(/[<>&"]/g, (ch) => ({ "<": "&lt;", ">": "&gt;", "&": "&amp;", '"': "&quot;" })[ch]);
+}
+
+// ------------------------------------------------------------------ everything
+
+function showTiming(data) {
+  $("timing").textContent = `page update ${Math.round(explorer.lastMs)} ms; server ` +
+    `${data.server_ms} ms` + (data.sample_ms !== undefined ? ` (sampling ${data.sample_ms} ms)` : "");
+}
+
+function show(data) {
+  explorer.data = data;
+  if (explorer.position >= data.tokens.length) explorer.position = data.position;
+  if (data.position !== explorer.position) explorer.position = data.position;
+  drawTokens();
+  drawEmbeddings();
+  drawAttention();
+  drawLens(data.lens);
+  drawDistribution();
+  explorer.updates += 1;
+}
+
+async function analyze() {
+  await run(async () => {
+    explorer.position = Infinity;
+    show(await api("/api/analyze", { text: $("prompt").value }));
+  });
+  if (explorer.data) showTiming(explorer.data);
+}
+
+async function nextToken() {
+  if (!explorer.data) return;
+  await run(async () => {
+    explorer.seed += 1;
+    const data = await api("/api/next", { ids: explorer.data.ids, seed: explorer.seed, ...settings() });
+    show(data);
+  });
+  showTiming(explorer.data);
+}
+
+async function start() {
+  await run(async () => {
+    const info = await api("/api/model");
+    explorer.info = info;
+    $("model").textContent = `${info.source}: ${info.n_layer} layers, ${info.n_head} heads, ` +
+      `width ${info.n_embd}, vocabulary ${info.vocab_size}, context ${info.block_size} ` +
+      `(the page shows up to ${info.max_tokens} tokens)`;
+    const fill = (select, n) => select.replaceChildren(...Array.from({ length: n }, (_, i) => new Option(i, i)));
+    fill($("layer"), info.n_layer);
+    fill($("head"), info.n_head);
+  });
+  $("run").addEventListener("click", analyze);
+  $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.ctrlKey) analyze(); });
+  $("next").addEventListener("click", nextToken);
+  for (const id of ["layer", "head"]) $(id).addEventListener("change", () => explorer.data && drawAttention());
+  for (const id of ["temperature", "top-k", "top-p"]) $(id).addEventListener("input", drawDistribution);
+  $("attention").addEventListener("mousemove", hoverAttention);
+  $("attention").addEventListener("mouseleave", () => { if (explorer.data) { drawAttention(); shadeTokens(); } });
+}
+
+start();

@@ -1,0 +1,264 @@
+"""`jaxgpt explore`: the JSON API (analysis = the forward pass, validation, the server survives bad
+requests), the CLI's one-line errors, and the page itself in headless Chromium (Debian's
+`chromium` + `chromium-driver`, driven by Selenium; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt.cli import main
+from jaxgpt.cli.common import LoadedModel
+from jaxgpt.config import GPTConfig
+from jaxgpt.decode import generate
+from jaxgpt.explore.analysis import Explorer
+from jaxgpt.explore.server import create_app
+from jaxgpt.model import forward
+from jaxgpt.params import init_params
+from jaxgpt.tokenizer import get_tokenizer
+
+SENTENCE = "Hola mundo. Esta es una prueba de tokenización real."
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random-weight model with GPT-2's vocabulary and tokenizer."""
+    config = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)
+    params = init_params(config, jax.random.key(0))
+    return LoadedModel(config, params, get_tokenizer("gpt2"), "tiny random GPT-2 (test)")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """The app on a free port of 127.0.0.1, served from a thread; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    app = create_app(Explorer(model))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def post(url: str, body: bytes | dict) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_analysis_is_the_forward_pass(server, model):
+    status, data = post(f"{server}/api/analyze", {"text": SENTENCE})
+    assert status == 200, data
+    ids = get_tokenizer("gpt2").encode(SENTENCE)
+    assert data["ids"] == ids and len(ids) == 20
+    assert data["tokens"][-3]["bytes"] == "ón".encode().hex(" ") == "c3 b3 6e"
+    logits, cap = forward(model.params, jnp.asarray([ids]), model.config, capture=True)
+    att = np.asarray(cap["layers"][1]["att"][0, 1])
+    for i, row in enumerate(data["attention"][1][1]):
+        np.testing.assert_allclose(row, att[i, : i + 1], atol=2e-5)
+    x_out = np.asarray(cap["layers"][-1]["x_out"][0])
+    np.testing.assert_allclose(data["norms"][-1], np.linalg.norm(x_out, axis=-1), atol=2e-6)
+    best = int(np.argmax(np.asarray(logits[0, -1])))
+    assert data["candidates"][0]["id"] == best
+    assert [row["stage"] for row in data["lens"]] == ["embeddings", "block 0", "block 1"]
+
+
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        ("analyze", b'{"text": "\xff\xfe"}', "not UTF-8"),
+        ("analyze", b"{not json", "not valid JSON"),
+        ("analyze", b"[1, 2]", "JSON object"),
+        ("analyze", {"text": ""}, "empty"),
+        ("analyze", {"text": "\ud800"}, "not valid UTF-8"),
+        ("analyze", {"text": "word " * 70}, "at most 64"),
+        ("analyze", {"ids": [1, 50257]}, "[0, 50256]"),
+        ("lens", {"ids": [1, 2], "position": 5}, "position must be"),
+        ("next", {"ids": [1, 2], "temperature": -1}, "temperature must be between"),
+        ("next", {"ids": [1, 2], "temperature": "hot"}, "temperature must be a number"),
+        ("next", {"ids": [1, 2], "top_p": 1.5}, "top-p must be between"),
+        ("next", {"ids": [1, 2], "top_k": 0}, "top_k"),
+        ("next", {"ids": [1, 2], "top_k": 2.5}, "top-k must be a whole number"),
+        ("next", {"ids": [1] * 64}, "limit"),
+    ],
+)
+def test_bad_requests_get_one_message_and_the_server_keeps_serving(server, path, body, message):
+    status, data = post(f"{server}/api/{path}", body)
+    assert status == 400 and message in data["error"], data
+    assert post(f"{server}/api/analyze", {"ids": [1, 2, 3]})[0] == 200
+
+
+def test_next_token_is_the_decoders(server, model):
+    ids = get_tokenizer("gpt2").encode(SENTENCE)
+    settings = {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 3}
+    status, data = post(f"{server}/api/next", {"ids": ids, **settings})
+    assert status == 200, data
+    expected = generate(model.params, model.config, ids, 1, key=jax.random.key(3),
+                        temperature=0.9, top_k=50, top_p=0.95)  # fmt: skip
+    assert data["token"] == expected[-1] and data["ids"] == expected
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_port_in_use_and_unknown_model_exit_2(capsys, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        assert main(["explore", "--model", "mini", "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("jaxgpt explore: error: cannot listen on 127.0.0.1:")
+        assert err.count("\n") == 1 and "--port" in err
+    finally:
+        busy.close()
+    assert main(["explore", "--model", str(tmp_path / "nope"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("jaxgpt explore: error:") and "does not exist" in err
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver (.ci/run "
+                    "installs them: apt-get install -y chromium chromium-driver)")  # fmt: skip
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1280,2300"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_script_timeout(120)
+    yield driver
+    driver.quit()
+
+
+def wait_ready(driver, updates: int | None = None, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        state = driver.execute_script("return document.body.dataset.state")
+        done = driver.execute_script("return window.explorer.updates")
+        if state in ("ready", "error") and (updates is None or done >= updates):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the page did not finish (state {state!r}, {done} updates)")
+
+
+def set_control(driver, element_id: str, value) -> None:
+    driver.execute_script(
+        "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
+        "el.dispatchEvent(new Event('input'));",
+        element_id, str(value),
+    )  # fmt: skip
+
+
+def test_the_page_in_headless_chromium(server, browser, model):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = browser
+    driver.get(server + "/")
+    wait_ready(driver)
+    assert "2 layers, 2 heads" in driver.find_element(By.ID, "model").text
+
+    # 1. The prompt's tokens and ids, as tiktoken's GPT-2 encoding gives them.
+    driver.find_element(By.ID, "prompt").send_keys(SENTENCE)
+    driver.find_element(By.ID, "run").click()
+    wait_ready(driver, updates=1)
+    chips = driver.find_elements(By.CSS_SELECTOR, "#tokens .tok")
+    ids = [int(chip.get_attribute("data-id")) for chip in chips]
+    assert ids == get_tokenizer("gpt2").encode(SENTENCE) and len(ids) == 20
+    assert chips[1].get_attribute("title") == "position 1\npiece 'ola'\nid 5708\nbytes 6f 6c 61"
+
+    # 2. The layer / head selectors redraw the attention; every drawn row sums to 1.
+    _, cap = forward(model.params, jnp.asarray([ids]), model.config, capture=True)
+    pictures = set()
+    for layer, head in [(0, 0), (1, 0), (1, 1)]:
+        Select(driver.find_element(By.ID, "layer")).select_by_value(str(layer))
+        Select(driver.find_element(By.ID, "head")).select_by_value(str(head))
+        drawn = driver.execute_script("return window.explorer.drawn")
+        assert (drawn["layer"], drawn["head"]) == (layer, head)
+        rows = drawn["rows"]
+        assert [len(r) for r in rows] == list(range(1, 21))
+        np.testing.assert_allclose([sum(r) for r in rows], 1.0, atol=1e-4)
+        att = np.asarray(cap["layers"][layer]["att"][0, head])
+        np.testing.assert_allclose(rows[-1], att[-1], atol=2e-5)
+        pictures.add(driver.execute_script(
+            "return document.getElementById('attention').toDataURL()"))  # fmt: skip
+    assert len(pictures) == 3  # three different pictures on the canvas
+
+    # 3. Temperature 0 leaves one candidate; temperature 1 with top-k 5 leaves five.
+    set_control(driver, "top-k", 5)
+    assert driver.find_element(By.ID, "candidates-count").get_attribute("data-count") == "5"
+    set_control(driver, "top-k", 0)
+    assert int(driver.find_element(By.ID, "candidates-count").get_attribute("data-count")) > 5
+    set_control(driver, "temperature", 0)
+    assert driver.find_element(By.ID, "candidates-count").get_attribute("data-count") == "1"
+    assert driver.find_element(By.ID, "candidates-count").text == "1 candidate"
+
+    # 4. "next token" appends the token jaxgpt.generate picks greedily, and redraws everything.
+    driver.find_element(By.ID, "next").click()
+    wait_ready(driver, updates=2)
+    chips = driver.find_elements(By.CSS_SELECTOR, "#tokens .tok")
+    greedy = generate(model.params, model.config, ids, 1, temperature=0)
+    assert [int(chip.get_attribute("data-id")) for chip in chips] == greedy
+    assert len(driver.execute_script("return window.explorer.drawn.rows")) == 21
+
+    # 5. Clicking a token shows the residual stream and logit lens at that position.
+    chips[3].click()
+    wait_ready(driver)
+    assert "position 3 'o'" in driver.find_element(By.ID, "lens-position").text
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#lens tr")) == 1 + 3
+
+    if os.environ.get("JAXGPT_EXPLORE_SCREENSHOT"):  # docs/explore.png is made this way
+        chips[19].click()
+        wait_ready(driver)
+        driver.save_screenshot(os.environ["JAXGPT_EXPLORE_SCREENSHOT"])
+
+    # 6. A bad prompt: one message in the page, and the page and server go on working.
+    prompt = driver.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("word " * 70)
+    driver.find_element(By.ID, "run").click()
+    wait_ready(driver)
+    error = driver.find_element(By.ID, "error")
+    assert error.is_displayed() and "at most 64" in error.text
+    prompt.clear()
+    prompt.send_keys("Hola")
+    driver.find_element(By.ID, "run").click()
+    wait_ready(driver, updates=3)
+    assert not driver.find_element(By.ID, "error").is_displayed()
