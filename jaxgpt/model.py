@@ -30,6 +30,7 @@ from jaxgpt.attention import multi_head_attention, reference_attention
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import InputError
 from jaxgpt.params import Params, check_params
+from jaxgpt.quantize import Int8Weight
 from jaxgpt.sharding import BATCH_AXES, constrain
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_BHSK, v_BHSK)
@@ -39,8 +40,16 @@ KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_BHSK, v_BHSK)
 
 
 def linear(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`x @ kernel + bias` computed in `dtype`."""
-    y = jnp.matmul(x.astype(dtype), p["kernel"].astype(dtype))
+    """`x @ kernel + bias` computed in `dtype`.
+
+    The kernel may be stored in bfloat16 or as an int8 `Int8Weight` (`jaxgpt.quantize`); int8 is
+    dequantized inside the matmul as `(x @ q) · scale`, exact because the scale is per column.
+    """
+    kernel = p["kernel"]
+    if isinstance(kernel, Int8Weight):
+        y = jnp.matmul(x.astype(dtype), kernel.q.astype(dtype)) * kernel.scale[0].astype(dtype)
+    else:
+        y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
@@ -72,8 +81,11 @@ def embed(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.
     """Token embedding + position embedding: the initial residual stream x_BTD (float32)."""
     # Under an FSDP mesh the tables are sharded along D: gather them whole before the lookup, so
     # the looked-up rows come out split by batch like the tokens (a no-op without a mesh).
-    wte_VD = constrain(params["wte"], P())
     wpe_TD = constrain(params["wpe"], P())
+    if isinstance(params["wte"], Int8Weight):  # int8 rows times their per-row scale
+        wte = params["wte"]
+        return wte.q[tokens_BT].astype(jnp.float32) * wte.scale[tokens_BT] + wpe_TD[positions_BT]
+    wte_VD = constrain(params["wte"], P())
     return wte_VD[tokens_BT] + wpe_TD[positions_BT]
 
 
@@ -222,11 +234,14 @@ def unembed(params: Params, x_BTD: jax.Array, config: GPTConfig) -> jax.Array:
     """Final LayerNorm, then logits over the vocabulary with the tied token embedding (float32)."""
     h_BTD = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
     dtype = config.compute_dtype
+    wte = params["wte"]
+    quantized = isinstance(wte, Int8Weight)
     # Contract directly against wte [V, D]: no transposed copy of the embedding.
-    return jnp.einsum(
-        "btd,vd->btv", h_BTD.astype(dtype), params["wte"].astype(dtype),
+    logits_BTV = jnp.einsum(
+        "btd,vd->btv", h_BTD.astype(dtype), (wte.q if quantized else wte).astype(dtype),
         preferred_element_type=jnp.float32,
     )  # fmt: skip
+    return logits_BTV * wte.scale[:, 0] if quantized else logits_BTV
 
 
 # --------------------------------------------------------------------------- the whole model

@@ -13,6 +13,7 @@ from jaxgpt.cli.common import load_model
 from jaxgpt.config import PRESETS
 from jaxgpt.decode import generate
 from jaxgpt.errors import InputError
+from jaxgpt.quantize import check_weights, quantize_params
 from jaxgpt.sampling import make_sampler
 from jaxgpt.tokenizer import ENDOFTEXT
 
@@ -41,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling: keep probability mass p"
     )
+    parser.add_argument(
+        "--weights",
+        default="float32",
+        metavar="{float32,bfloat16,int8}",
+        help="store the weights in this format: bfloat16 halves and int8 (per-channel scales) "
+        "quarters the bytes each token reads (default float32)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     parser.add_argument(
         "--num-samples", type=int, default=1, help="independent continuations (default 1)"
@@ -63,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampler = make_sampler(args.temperature, args.top_k, args.top_p)  # validates before loading
+    check_weights(args.weights)
     text = read_prompt(args)
     model = load_model(args.model, seed=args.seed)
+    params = quantize_params(model.params, args.weights)
     tokenizer = model.tokenizer
     # GPT-2's tokenizer: "<|endoftext|>" in the prompt is the special token, not literal text.
     special = {"allowed_special": {ENDOFTEXT}} if tokenizer.eot_token is not None else {}
@@ -73,12 +83,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("the prompt is empty: give --prompt TEXT or a non-empty --prompt-file")
     print(
         f"sampling {args.num_samples} x {args.max_new_tokens} tokens from {model.source} "
+        f"({args.weights} weights) "
         f"(prompt: {len(prompt)} tokens)",
         file=sys.stderr,
     )
     start = time.perf_counter()
     rows = generate(
-        model.params,
+        params,
         model.config,
         [prompt] * args.num_samples,
         args.max_new_tokens,
