@@ -9,7 +9,7 @@ Read top to bottom, this file follows a prompt through the model:
       → final LayerNorm
       → logits over the vocabulary (tied to the token embedding)   logits_BTV
 
-Attention and the MLP are written for one head / one position and `jax.vmap`ped (see
+Attention is written for one head and `jax.vmap`ped, the MLP for one position (see
 `jaxgpt.attention`). The residual stream is kept in float32; matmuls run in `config.dtype`;
 LayerNorm statistics and the softmax always run in float32.
 
@@ -29,7 +29,9 @@ from jax.sharding import PartitionSpec as P
 from jaxgpt.attention import multi_head_attention, reference_attention
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import InputError
+from jaxgpt.matmul import lowp_matmul
 from jaxgpt.params import Params, check_params
+from jaxgpt.quantize import Int8Weight
 from jaxgpt.sharding import BATCH_AXES, constrain
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_BHSK, v_BHSK)
@@ -39,8 +41,21 @@ KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_BHSK, v_BHSK)
 
 
 def linear(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """`x @ kernel + bias` computed in `dtype`."""
-    y = jnp.matmul(x.astype(dtype), p["kernel"].astype(dtype))
+    """`x @ kernel + bias` computed in `dtype`.
+
+    The kernel may be stored in bfloat16 or as an int8 `Int8Weight` (`jaxgpt.quantize`); int8 is
+    dequantized inside the matmul as `(x @ q) · scale`, exact because the scale is per column.
+    In a half-precision `dtype` the product goes through `jaxgpt.matmul.lowp_matmul`. `x` may
+    have any leading axes.
+    """
+    kernel = p["kernel"]
+    if isinstance(kernel, Int8Weight):
+        y = jnp.matmul(x.astype(dtype), kernel.q.astype(dtype)) * kernel.scale[0].astype(dtype)
+    elif jnp.dtype(dtype).itemsize < 4:
+        # bfloat16 / float16: float32 accumulation and a backward that stays in `dtype`.
+        y = lowp_matmul(x, kernel, jnp.dtype(dtype), jnp.dtype(dtype))
+    else:
+        y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
@@ -72,8 +87,11 @@ def embed(params: Params, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.
     """Token embedding + position embedding: the initial residual stream x_BTD (float32)."""
     # Under an FSDP mesh the tables are sharded along D: gather them whole before the lookup, so
     # the looked-up rows come out split by batch like the tokens (a no-op without a mesh).
-    wte_VD = constrain(params["wte"], P())
     wpe_TD = constrain(params["wpe"], P())
+    if isinstance(params["wte"], Int8Weight):  # int8 rows times their per-row scale
+        wte = params["wte"]
+        return wte.q[tokens_BT].astype(jnp.float32) * wte.scale[tokens_BT] + wpe_TD[positions_BT]
+    wte_VD = constrain(params["wte"], P())
     return wte_VD[tokens_BT] + wpe_TD[positions_BT]
 
 
@@ -173,10 +191,13 @@ def mlp_position(p: Params, x_D: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array
 
 
 def mlp(p: Params, x_BTD: jax.Array, config: GPTConfig) -> tuple[jax.Array, jax.Array]:
-    """`mlp_position` vmapped over positions and batch; returns (out_BTD, hidden_BTF)."""
-    over_positions = jax.vmap(mlp_position, in_axes=(None, 0, None))
-    over_batch = jax.vmap(over_positions, in_axes=(None, 0, None))
-    return over_batch(p, x_BTD, config.compute_dtype)
+    """`mlp_position` at every position; returns (out_BTD, hidden_BTF).
+
+    Positions are independent, so this is the one-position function on the whole `[B, T, D]`
+    array (`linear` takes any leading axes) — what `jax.vmap` over batch and positions computes,
+    without batching `lowp_matmul`'s custom VJP (see `jaxgpt.matmul`).
+    """
+    return mlp_position(p, x_BTD, config.compute_dtype)
 
 
 # --------------------------------------------------------------------------- 4. a block
@@ -226,11 +247,16 @@ def unembed(params: Params, x_BTD: jax.Array, config: GPTConfig) -> jax.Array:
     """Final LayerNorm, then logits over the vocabulary with the tied token embedding (float32)."""
     h_BTD = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
     dtype = config.compute_dtype
+    wte = params["wte"]
+    quantized = isinstance(wte, Int8Weight)
+    if not quantized and dtype.itemsize < 4:
+        return lowp_matmul(h_BTD, wte, dtype, jnp.dtype(jnp.float32), True)
     # Contract directly against wte [V, D]: no transposed copy of the embedding.
-    return jnp.einsum(
-        "btd,vd->btv", h_BTD.astype(dtype), params["wte"].astype(dtype),
+    logits_BTV = jnp.einsum(
+        "btd,vd->btv", h_BTD.astype(dtype), (wte.q if quantized else wte).astype(dtype),
         preferred_element_type=jnp.float32,
     )  # fmt: skip
+    return logits_BTV * wte.scale[:, 0] if quantized else logits_BTV
 
 
 # --------------------------------------------------------------------------- the whole model

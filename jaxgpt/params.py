@@ -151,12 +151,19 @@ def count_params(config: GPTConfig, *, non_embedding: bool = False) -> int:
     return total
 
 
+def _is_int8(x: Any) -> bool:
+    from jaxgpt.quantize import Int8Weight
+
+    return isinstance(x, Int8Weight)
+
+
 def check_params(params: Params, config: GPTConfig) -> None:
     """Raise a clear error if `params` does not have the structure and shapes `config` implies."""
     expected = param_shapes(config)
     exp_paths = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     try:
-        got_paths = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+        # An int8 weight (`jaxgpt.quantize.Int8Weight`) stands where its float32 matrix would.
+        got_paths = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_int8)[0])
     except Exception as err:  # a non-pytree argument
         raise InputError(f"params must be the pytree from init_params/load_hf: {err}") from err
     missing = [jax.tree_util.keystr(p) for p in exp_paths if p not in got_paths]

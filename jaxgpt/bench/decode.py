@@ -1,11 +1,13 @@
 """`jaxgpt bench decode`: prefill time, ms per decode step and tokens/s of `jaxgpt.decode`.
 
 Times the same jitted loop `generate` uses (`decode_padded`, greedy) on random weights, at batch 1
-and 8 (or --batch), in --dtype. Compilation is the first call minus a steady-state call and is
-reported apart. TFLOP/s and MFU are for the decode steps (2·N plus attention at the mean context
-length per token); at small batch a decode step is bound by reading the weights, not by FLOPs, so
-a low MFU there is expected. Prompt length (--seq) defaults to 64 and new tokens to 256, both
-shrunk to fit the model's block_size (the "tiny" preset: 16 + 48).
+and 8 (or --batch), in --dtype, with the weights stored as --weights (float32, or bfloat16 / int8
+through `jaxgpt.quantize`; `weights_MB` is what a step reads). Compilation is the first call
+minus a steady-state call and is reported apart. TFLOP/s and MFU are for the decode steps (2·N
+plus attention at the mean context length per token); at small batch a decode step is bound by
+reading the weights, not by FLOPs, so a low MFU there is expected. Prompt length (--seq) defaults
+to 64 and new tokens to 256, both shrunk to fit the model's block_size (the "tiny" preset: 16 +
+48).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jaxgpt.errors import InputError
 from jaxgpt.flops import flops_per_token
 from jaxgpt.model import forward_cached, init_cache
 from jaxgpt.params import init_params
+from jaxgpt.quantize import quantize_params, weight_bytes
 from jaxgpt.sampling import Greedy
 
 
@@ -42,8 +45,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise InputError(
             f"--seq {prompt_len} leaves no room to decode within block_size {config.block_size}"
         )
-    params = init_params(config, jax.random.key(0))
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
+    params = quantize_params(init_params(config, jax.random.key(0)), args.weights)
     batches = [args.batch] if args.batch else [1, 8]
     rows = []
     for batch in tqdm(batches, desc="decode", unit="batch"):
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             {
                 "model": args.model,
                 "dtype": args.dtype,
+                "weights": args.weights,
                 "batch": batch,
                 "prompt": prompt_len,
                 "new_tokens": new_tokens,
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "decode_tokens_per_s": batch / step_s,
                 "tflops": step_flops / step_s / 1e12,
                 "mfu": step_flops / step_s / device_peak(args.dtype)[0],
-                "weights_MB": weight_bytes / 1e6,
+                "weights_MB": weight_bytes(params) / 1e6,
                 "spread": loop.spread,
                 "peak_mem_gb": peak_memory_bytes()[0] / 1e9,
             }

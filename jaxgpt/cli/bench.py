@@ -14,6 +14,7 @@ from jaxgpt.config import PRESETS, get_preset
 from jaxgpt.errors import InputError
 from jaxgpt.flops import device_name
 from jaxgpt.plot import check_output_path
+from jaxgpt.quantize import check_weights
 
 # Workload name → module under jaxgpt.bench defining `run(args) -> list[dict]`.
 WORKLOADS: dict[str, str] = {
@@ -36,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size (workload default)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (workload default)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--weights",
+        default="float32",
+        metavar="{float32,bfloat16,int8}",
+        help="decode only: store the weights in this format (jaxgpt.quantize; default float32)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed repeats (default 5)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.set_defaults(func=run)
@@ -85,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     config = get_preset(args.model)  # an unknown preset fails here, before any timing
     if args.json is not None:  # and so does an output path that cannot be written
         check_output_path(args.json, "--json")
+    check_weights(args.weights)
+    if args.weights != "float32" and args.workload not in ("decode", "all"):
+        raise InputError(f"--weights applies to the decode workload only, not {args.workload}")
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     # ... and a --seq the model cannot run (decode needs room for at least one new token).
     seq_limits = {"forward": config.block_size, "train": config.block_size}

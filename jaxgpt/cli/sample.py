@@ -18,6 +18,7 @@ from jaxgpt.cli.common import load_model
 from jaxgpt.config import PRESETS
 from jaxgpt.decode import check_request, generate, stream_generate
 from jaxgpt.errors import InputError
+from jaxgpt.quantize import check_weights, quantize_params
 from jaxgpt.sampling import make_sampler
 from jaxgpt.tokenizer import ENDOFTEXT, Tokenizer
 
@@ -55,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling: keep probability mass p"
     )
+    parser.add_argument(
+        "--weights",
+        default="float32",
+        metavar="{float32,bfloat16,int8}",
+        help="store the weights in this format: bfloat16 halves and int8 (per-channel scales) "
+        "quarters the bytes each token reads (default float32)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     parser.add_argument(
         "--num-samples", type=int, default=1, help="independent continuations (default 1)"
@@ -87,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampler = make_sampler(args.temperature, args.top_k, args.top_p)  # validates before loading
+    check_weights(args.weights)
     text = read_prompt(args)
     model = load_model(args.model, seed=args.seed)
+    params = quantize_params(model.params, args.weights)
     tokenizer = model.tokenizer
     if text is None:  # unconditional: GPT-2's document separator; a char vocabulary has none
         text = ENDOFTEXT if tokenizer.eot_token is not None else "\n"
@@ -102,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     slides = len(prompt) + args.max_new_tokens > config.block_size
     print(
         f"sampling {args.num_samples} x {args.max_new_tokens} tokens from {model.source} "
-        f"(prompt: {len(prompt)} tokens"
+        f"({args.weights} weights) (prompt: {len(prompt)} tokens"
         + (
             f"; prompt + continuation exceed the context of {config.block_size} tokens: "
             f"whenever it is full the model goes on from its last {config.block_size // 2}"
@@ -121,12 +131,12 @@ def run(args: argparse.Namespace) -> int:
             tokenizer,
             prompt,
             stream_generate(
-                model.params, config, prompt, args.max_new_tokens, chunk=STREAM_CHUNK, **settings
+                params, config, prompt, args.max_new_tokens, chunk=STREAM_CHUNK, **settings
             ),
         )
     else:
         rows = generate(
-            model.params, config, [prompt] * args.num_samples, args.max_new_tokens, **settings
+            params, config, [prompt] * args.num_samples, args.max_new_tokens, **settings
         )
         n_new = sum(len(row) - len(prompt) for row in rows)
         for i, row in enumerate(rows):
