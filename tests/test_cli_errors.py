@@ -100,6 +100,8 @@ CASES = [
     case("chat-no-chat-tokens", "chat --model {w}/run --prompt hi", "no chat tokens", RUN),
     case("chat-input-missing", "chat --model {w}/run --input {w}/nope.jsonl --output "
          "{w}/answers.jsonl", "is not a file", RUN),
+    # explore
+    case("explore-missing-model", "explore --model {w}/nowhere", "does not exist"),
     # launch
     case("launch-processes-0", "launch --processes 0 -- train {w}/tiny.py",
          "--processes must be at least 1"),
