@@ -31,14 +31,14 @@ EXPERIMENT = Experiment(
         batch_size=16,
     ),
     optim=OptimSection(lr=3e-3, weight_decay=0.1, beta2=0.99, grad_clip=1.0),
-    schedule=ScheduleSection(max_steps=1000, warmup_steps=100, min_lr_ratio=0.1),
+    schedule=ScheduleSection(max_steps=800, warmup_steps=100, min_lr_ratio=0.1),
     eval=EvalSection(
-        interval=250,
+        interval=200,
         batches=10,
         log_interval=25,
         sample_tokens=40,
         sample_prompt="What is 12 + 34?",
         temperature=0.0,
     ),
-    checkpoint=CheckpointSection(interval=250, keep=2),
+    checkpoint=CheckpointSection(interval=200, keep=2),
 )
