@@ -192,3 +192,15 @@ def test_held_out_evaluation_scores_replies(sft_run):
     for example in scored["examples"]:
         a, b = (int(x) for x in arithmetic._LAST_INTEGER.findall(example["question"]))
         assert example["correct"] == arithmetic.verify(example["reply"], a, b)
+
+
+def test_eval_arithmetic_scores_a_chat_model(sft_run, tmp_path, capsys):
+    result, _ = sft_run
+    out = tmp_path / "acc.json"
+    argv = ["eval", "--model", str(result.run_dir), "--arithmetic", "12", "--json", str(out)]
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    model = load_model(str(result.run_dir))
+    direct = arithmetic.evaluate_model(model.params, model.config, model.tokenizer, n=12)
+    assert record["accuracy"] == direct["accuracy"] and record["n"] == 12
+    assert "held-out arithmetic (12 problems" in capsys.readouterr().out

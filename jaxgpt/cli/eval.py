@@ -49,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"a multiple-choice JSONL file; FORMAT is one of {', '.join(FORMATS)} "
         "(hellaswag: fields ctx, endings, label; mc: context, choices, answer)",
     )
+    what.add_argument(
+        "--arithmetic",
+        type=int,
+        metavar="N",
+        help="a chat model's greedy exact-match accuracy on N held-out problems of the "
+        "arithmetic demo (A + B with A ≡ B mod 7, never trained; docs/chat.md)",
+    )
     parser.add_argument("--split", default="val", help="with --data: the split (default val)")
     parser.add_argument(
         "--stride",
@@ -93,10 +100,13 @@ def check_positive(name: str, value: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("stride", "max_tokens", "limit", "batch_size"):
+    for name in ("stride", "max_tokens", "limit", "batch_size", "arithmetic"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     check_json_path(args.json)
-    record = run_task(args) if args.task is not None else run_data(args)
+    if args.arithmetic is not None:
+        record = run_arithmetic(args)
+    else:
+        record = run_task(args) if args.task is not None else run_data(args)
     if args.json is not None:
         write_json(args.json, record)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -118,6 +128,21 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {name:<9}{getattr(result, name):.4f}{spread}  (log-probability {how})")
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k.startswith("acc")}
     return {"model": model.source, "task": fmt, "file": file, "items": result.items, **summary}
+
+
+def run_arithmetic(args: argparse.Namespace) -> dict[str, Any]:
+    from jaxgpt import arithmetic
+
+    model = load_model(args.model)
+    scored = arithmetic.evaluate_model(
+        model.params, model.config, model.tokenizer, n=args.arithmetic,
+        batch_size=args.batch_size or 100,
+    )  # fmt: skip
+    print(
+        f"held-out arithmetic ({scored['n']} problems, A ≡ B mod 7, greedy): accuracy "
+        f"{scored['accuracy']:.4f} ± {scored['stderr']:.4f} ({model.source})"
+    )
+    return {"model": model.source, "task": "arithmetic", **scored}
 
 
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
