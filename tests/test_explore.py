@@ -187,6 +187,7 @@ def set_control(driver, element_id: str, value) -> None:
 
 
 def test_the_page_in_headless_chromium(server, browser, model):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -220,6 +221,19 @@ def test_the_page_in_headless_chromium(server, browser, model):
         pictures.add(driver.execute_script(
             "return document.getElementById('attention').toDataURL()"))  # fmt: skip
     assert len(pictures) == 3  # three different pictures on the canvas
+
+    # Hovering query row 5 names what it reads most and shades the tokens by its weights.
+    canvas = driver.find_element(By.ID, "attention")
+    cell = canvas.size["height"] / 20
+    ActionChains(driver).move_to_element_with_offset(
+        canvas, int(-canvas.size["width"] / 2 + cell / 2), int((5.5 - 10) * cell)
+    ).perform()
+    info = driver.find_element(By.ID, "attn-info").text
+    assert info.startswith("query 5 ' Est' reads: ")
+    top_key = int(np.argmax(np.asarray(cap["layers"][1]["att"][0, 1, 5, :6])))
+    assert f"({top_key})" in info.split(", ")[0]
+    shaded = [chip.value_of_css_property("background-color") for chip in chips[:7]]
+    assert len(set(shaded[:6])) > 1 and shaded[6] != shaded[0]  # keys 0..5 by weight; 6 not read
 
     # 3. Temperature 0 leaves one candidate; temperature 1 with top-k 5 leaves five.
     set_control(driver, "top-k", 5)
