@@ -100,6 +100,7 @@ def test_analysis_is_the_forward_pass(server, model):
         ("analyze", {"text": "word " * 70}, "at most 64"),
         ("analyze", {"ids": [1, 50257]}, "[0, 50256]"),
         ("lens", {"ids": [1, 2], "position": 5}, "position must be"),
+        ("head", {"ids": [1, 2], "layer": 2, "head": 0}, "layer must be an integer from 0 to 1"),
         ("next", {"ids": [1, 2], "temperature": -1}, "temperature must be between"),
         ("next", {"ids": [1, 2], "temperature": "hot"}, "temperature must be a number"),
         ("next", {"ids": [1, 2], "top_p": 1.5}, "top-p must be between"),
@@ -187,6 +188,7 @@ def set_control(driver, element_id: str, value) -> None:
 
 
 def test_the_page_in_headless_chromium(server, browser, model):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -220,6 +222,24 @@ def test_the_page_in_headless_chromium(server, browser, model):
         pictures.add(driver.execute_script(
             "return document.getElementById('attention').toDataURL()"))  # fmt: skip
     assert len(pictures) == 3  # three different pictures on the canvas
+
+    # Hovering query row 5 names what it reads most, shades the tokens by its weights, and draws
+    # its head output as the weighted sum of the value vectors (equal to the captured output).
+    wait_ready(driver)
+    canvas = driver.find_element(By.ID, "attention")
+    cell = canvas.size["height"] / 20
+    ActionChains(driver).move_to_element_with_offset(
+        canvas, int(-canvas.size["width"] / 2 + cell / 2), int((5.5 - 10) * cell)
+    ).perform()
+    info = driver.find_element(By.ID, "attn-info").text
+    assert info.startswith("query 5 ' Est' reads: ")
+    top_key = int(np.argmax(np.asarray(cap["layers"][1]["att"][0, 1, 5, :6])))
+    assert f"({top_key})" in info.split(", ")[0]
+    shaded = [chip.value_of_css_property("background-color") for chip in chips[:7]]
+    assert len(set(shaded[:6])) > 1 and shaded[6] != shaded[0]  # keys 0..5 by weight; 6 not read
+    weighted = driver.execute_script("return window.explorer.weightedSum")
+    assert (weighted["query"], weighted["layer"], weighted["head"]) == (5, 1, 1)
+    assert weighted["maxDiff"] < 1e-5
 
     # 3. Temperature 0 leaves one candidate; temperature 1 with top-k 5 leaves five.
     set_control(driver, "top-k", 5)

@@ -115,6 +115,8 @@ class Explorer:
                 [cap["x_embed"][0, :T]] + [lay["x_out"][0, :T] for lay in cap["layers"]]
             ),  # [L+1, T, D]: the residual stream after embeddings and after each block
             "logits": cap["logits"][0, :T],
+            "v": np.stack([lay["v"][0, :, :T] for lay in cap["layers"]]),  # [L, H, T, K]
+            "heads": np.stack([lay["heads"][0, :, :T] for lay in cap["layers"]]),  # [L, H, T, K]
         }
 
     def lens(self, cap: dict[str, Any], position: int) -> list[dict[str, Any]]:
@@ -189,6 +191,20 @@ class Explorer:
     def lens_at(self, ids: list[int], position: Any) -> list[dict[str, Any]]:
         self.check_ids(ids)
         return self.lens(self.capture(ids), self.check_position(position, len(ids)))
+
+    def head(self, ids: list[int], layer: Any, head: Any) -> dict[str, Any]:
+        """One head's value vectors v [T, K] and outputs [T, K]: the output of query i is the
+        attention-weighted sum of v[0..i] (the page shows it for the hovered query)."""
+        self.check_ids(ids)
+        c = self.model.config
+        for name, value, size in (("layer", layer, c.n_layer), ("head", head, c.n_head)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
+                raise InputError(f"{name} must be an integer from 0 to {size - 1}, got {value!r}")
+        cap = self.capture(ids)
+        return {
+            "layer": layer, "head": head,
+            "v": _round(cap["v"][layer, head], 6), "out": _round(cap["heads"][layer, head], 6),
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ sampling
 

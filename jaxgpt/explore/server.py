@@ -4,6 +4,7 @@
     GET  /api/model       → the model's shape and the page's limits
     POST /api/analyze     {"text": ...} or {"ids": [...]}           → everything the page draws
     POST /api/lens        {"ids": [...], "position": i}             → logit lens at position i
+    POST /api/head        {"ids": [...], "layer": l, "head": h}     → that head's v and outputs
     POST /api/next        {"ids": [...], "temperature", "top_k", "top_p", "seed"}
                           → {"token": id, "analysis": analyze(ids + [id])}
 
@@ -92,6 +93,13 @@ def create_app(explorer: Explorer) -> FastAPI:
         return JSONResponse(
             timed({"lens": explorer.lens_at(ids_of(data), data.get("position"))}, start)
         )
+
+    @app.post("/api/head")
+    async def head_route(request: Request) -> JSONResponse:
+        data = await read_json(request)
+        start = time.perf_counter()
+        result = explorer.head(ids_of(data), data.get("layer"), data.get("head"))
+        return JSONResponse(timed(result, start))
 
     @app.post("/api/next")
     async def next_route(request: Request) -> JSONResponse:

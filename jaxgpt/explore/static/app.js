@@ -120,6 +120,41 @@ function drawAttention(hoverRow) {
   explorer.drawn = { layer, head, rows };
 }
 
+async function loadHead() {  // the selected head's value vectors and outputs (cached pass)
+  const layer = Number($("layer").value), head = Number($("head").value);
+  explorer.headData = await api("/api/head", { ids: explorer.data.ids, layer, head });
+}
+
+// Query i's head output as the sum of w_ij · v_j: one row per key (the 8 largest weights), then
+// the sum over all keys j <= i and the captured output it must equal.
+function drawWeightedSum(i) {
+  const h = explorer.headData, rows = explorer.drawn.rows;
+  if (!h || h.layer !== explorer.drawn.layer || h.head !== explorer.drawn.head) return;
+  const w = rows[i], K = h.v[0].length;
+  const sum = Array.from({ length: K }, (_, k) => w.reduce((acc, wj, j) => acc + wj * h.v[j][k], 0));
+  const maxDiff = Math.max(...sum.map((x, k) => Math.abs(x - h.out[i][k])));
+  const keys = w.map((wj, j) => [wj, j]).sort((a, b) => b[0] - a[0]).slice(0, 8);
+  const lines = keys.map(([wj, j]) => [`${wj.toFixed(3)} × v${j}`, h.v[j].map((x) => wj * x)]);
+  lines.push(["Σ over j ≤ " + i, sum], ["captured", h.out[i]]);
+  const canvas = $("wsum"), rowH = 14, labelW = 110, colW = Math.max(2, Math.floor(270 / K));
+  canvas.width = labelW + colW * K;
+  canvas.height = lines.length * rowH;
+  const ctx = canvas.getContext("2d");
+  const scale = Math.max(...lines.flatMap(([, xs]) => xs.map(Math.abs))) || 1;
+  ctx.font = "11px monospace";
+  lines.forEach(([label, xs], r) => {
+    ctx.fillStyle = "#333";
+    ctx.fillText(label, 2, r * rowH + 11);
+    xs.forEach((x, k) => {
+      ctx.fillStyle = diverging(x / scale);
+      ctx.fillRect(labelW + k * colW, r * rowH + 1, colW, rowH - 2);
+    });
+  });
+  explorer.weightedSum = { query: i, layer: h.layer, head: h.head, maxDiff };
+  $("wsum-info").textContent = `head ${h.head} of layer ${h.layer}, query ${i}: output = ` +
+    `Σ_j w_${i}j · v_j (${K} dims); largest |Σ − captured| = ${maxDiff.toExponential(1)}`;
+}
+
 function hoverAttention(event) {
   if (!explorer.data) return;
   const rows = explorer.drawn.rows;
@@ -128,6 +163,7 @@ function hoverAttention(event) {
   if (i < 0 || i >= rows.length) return;
   drawAttention(i);
   shadeTokens(rows[i]);
+  drawWeightedSum(i);
   const tokens = explorer.data.tokens;
   const top = rows[i].map((w, j) => [w, j]).sort((a, b) => b[0] - a[0]).slice(0, 3);
   $("attn-info").textContent = `query ${i} ${tokens[i].piece} reads: ` +
@@ -251,6 +287,7 @@ function show(data) {
   drawAttention();
   drawLens(data.lens);
   drawDistribution();
+  explorer.headData = null;
   explorer.updates += 1;
 }
 
@@ -258,6 +295,7 @@ async function analyze() {
   await run(async () => {
     explorer.position = Infinity;
     show(await api("/api/analyze", { text: $("prompt").value }));
+    await loadHead();
   });
   if (explorer.data) showTiming(explorer.data);
 }
@@ -268,6 +306,7 @@ async function nextToken() {
     explorer.seed += 1;
     const data = await api("/api/next", { ids: explorer.data.ids, seed: explorer.seed, ...settings() });
     show(data);
+    await loadHead();
   });
   showTiming(explorer.data);
 }
@@ -286,7 +325,9 @@ async function start() {
   $("run").addEventListener("click", analyze);
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.ctrlKey) analyze(); });
   $("next").addEventListener("click", nextToken);
-  for (const id of ["layer", "head"]) $(id).addEventListener("change", () => explorer.data && drawAttention());
+  for (const id of ["layer", "head"]) {
+    $(id).addEventListener("change", () => { if (explorer.data) { drawAttention(); run(loadHead); } });
+  }
   for (const id of ["temperature", "top-k", "top-p"]) $(id).addEventListener("input", drawDistribution);
   $("attention").addEventListener("mousemove", hoverAttention);
   $("attention").addEventListener("mouseleave", () => { if (explorer.data) { drawAttention(); shadeTokens(); } });
