@@ -27,10 +27,10 @@ from jaxgpt.data import corpus_files
 from jaxgpt.decode import decode_padded
 from jaxgpt.flops import device_name
 from jaxgpt.model import forward
+from jaxgpt.objectives import next_token_loss
 from jaxgpt.params import init_params
 from jaxgpt.quantize import WEIGHT_FORMATS, quantize_params, weight_bytes
 from jaxgpt.sampling import Greedy
-from jaxgpt.train import loss_fn
 
 
 def train_char_model(steps: int) -> tuple[GPTConfig, dict, np.ndarray, np.ndarray]:
@@ -44,7 +44,7 @@ def train_char_model(steps: int) -> tuple[GPTConfig, dict, np.ndarray, np.ndarra
 
     @jax.jit
     def step(params, opt_state, batch_BT1):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch_BT1, config, None)
+        loss, grads = jax.value_and_grad(next_token_loss)(params, batch_BT1, config, None)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -62,7 +62,7 @@ def train_char_model(steps: int) -> tuple[GPTConfig, dict, np.ndarray, np.ndarra
 
 def val_loss(params, config, val: np.ndarray, batches: int = 8) -> float:
     rng = np.random.RandomState(1)
-    evaluate = jax.jit(loss_fn, static_argnums=2)
+    evaluate = jax.jit(next_token_loss, static_argnums=2)
     losses = []
     for _ in range(batches):
         starts = rng.randint(0, len(val) - 129, 16)

@@ -51,6 +51,14 @@ def next_token(
     return loss_BT.mean(), jnp.float32(loss_BT.size)
 
 
+def next_token_loss(
+    params: Params, batch_BT1: jax.Array, config: GPTConfig, key: jax.Array | None
+) -> jax.Array:
+    """The mean next-token cross-entropy alone (`next_token` without its weight), for
+    `jax.value_and_grad` in research code and benchmarks."""
+    return next_token(params, batch_BT1, config, key)[0]
+
+
 def sft(
     params: Params, batch: dict[str, jax.Array], config: GPTConfig, key: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:

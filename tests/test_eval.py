@@ -62,12 +62,12 @@ def test_logprobs_match_transformers(hf_tiny, hf_loaded, tiny_tokens):
 
 
 def test_minus_mean_logprobs_is_the_training_loss(hf_loaded, tiny_tokens):
-    from jaxgpt.objectives import next_token
+    from jaxgpt.objectives import next_token_loss
 
     config, params = hf_loaded
     tokens = jnp.asarray(tiny_tokens)
     ours = -jax.jit(jaxgpt.logprobs, static_argnames="config")(params, config, tokens).mean()
-    training, _ = jax.jit(next_token, static_argnames="config")(params, tokens, config, None)
+    training = jax.jit(next_token_loss, static_argnames="config")(params, tokens, config, None)
     np.testing.assert_allclose(ours, training, rtol=1e-5)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.matmul import lowp_matmul
-from jaxgpt.train import loss_fn
+from jaxgpt.objectives import next_token_loss
 
 BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)
@@ -63,7 +63,7 @@ def test_bfloat16_model_gradients_close_to_float32(hf_tiny, tiny_tokens):
     _, path = hf_tiny
     config, params = load_hf(str(path))
     batch = jnp.asarray(tiny_tokens)
-    grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)
+    grad = jax.jit(jax.value_and_grad(next_token_loss), static_argnums=2)
     loss32, g32 = grad(params, batch, config, None)
     loss16, g16 = grad(params, batch, config.replace(dtype="bfloat16"), None)
     assert abs(float(loss16 - loss32)) < 1e-2 * float(loss32)

@@ -19,10 +19,10 @@ from jaxgpt.config import GPTConfig
 from jaxgpt.data import corpus_files
 from jaxgpt.decode import generate
 from jaxgpt.errors import InputError
+from jaxgpt.objectives import next_token_loss
 from jaxgpt.params import init_params
 from jaxgpt.pretrained import load_hf, save_hf
 from jaxgpt.quantize import Int8Weight, quantize_int8, quantize_params, weight_bytes
-from jaxgpt.train import loss_fn
 
 RELATIVE_BOUND = {"bfloat16": 0.02, "int8": 0.05}
 
@@ -76,7 +76,7 @@ def trained_char_model():
 
     @jax.jit
     def step(params, opt_state, batch_BT1):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch_BT1, config, None)
+        loss, grads = jax.value_and_grad(next_token_loss)(params, batch_BT1, config, None)
         updates, opt_state = optimizer.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state, loss
 
