@@ -84,7 +84,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         acc_ax = ax.twinx()
         acc_steps = [r["step"] for r in scored]
         acc = [100 * r["held_out_acc"] for r in scored]
-        (line,) = acc_ax.plot(acc_steps, acc, "^-", color="tab:green")
+        (line,) = acc_ax.plot(acc_steps, acc, "^-", color="tab:red")
         acc_ax.set_ylabel("held-out accuracy (%)")
         acc_ax.set_ylim(0, 100)
         handles, labels = [*handles, line], [*labels, "held-out accuracy (A ≡ B mod 7)"]
