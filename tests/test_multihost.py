@@ -23,7 +23,7 @@ import pytest
 
 from jaxgpt import checkpoint, sharding
 from jaxgpt.cli import main as cli_main
-from jaxgpt.cli.launch import process_env
+from jaxgpt.cli.launch import _first_failure, process_env
 from jaxgpt.errors import ConfigError
 from jaxgpt.experiment import load_experiment
 from jaxgpt.plot import read_metrics
@@ -126,27 +126,37 @@ def exp_file(tmp_path_factory, tiny_corpus):
 
 
 @pytest.fixture(scope="module")
-def reference(exp_file):
-    """One process on 4 simulated devices, mesh data=2,fsdp=2: the run directory."""
+def runs(exp_file):
+    """Two runs of the tiny experiment, started together (their waits overlap):
+
+    * one process on 4 simulated devices, mesh data=2,fsdp=2 — the reference;
+    * `jaxgpt launch --processes 2 --devices-per-process 2 -- train ... --mesh data=2,fsdp=2` into
+      a fresh data root (process 0 prepares it while process 1 waits).
+
+    Returns (reference run dir, two-process run dir, the launcher's stdout, its stderr)."""
     root = exp_file.parent
-    argv = train_argv(exp_file, root / "one", root / "data-one", "data=2,fsdp=2", "--no-sample")
-    proc = subprocess.run([sys.executable, "-m", "jaxgpt", *argv], env=base_env(4),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "one"
+    one = train_argv(exp_file, root / "one", root / "data-one", "data=2,fsdp=2", "--no-sample")
+    two = ["launch", "--processes", "2", "--devices-per-process", "2", "--",
+           *train_argv(exp_file, root / "two", root / "data-two", "data=2,fsdp=2")]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "jaxgpt", *argv], env=base_env(devices),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for argv, devices in ((one, 4), (two, 1))
+    ]  # fmt: skip
+    (code_one, _, err_one), (code_two, out, err) = finish(procs)
+    assert code_one == 0, err_one[-3000:]
+    assert code_two == 0, out[-2000:] + err[-4000:]
+    return root / "one", root / "two", out, err
 
 
 @pytest.fixture(scope="module")
-def two_process_run(exp_file):
-    """`jaxgpt launch --processes 2 --devices-per-process 2 -- train ... --mesh data=2,fsdp=2`,
-    into a fresh data root (process 0 prepares it while process 1 waits): (run dir, stdout, err)."""
-    root = exp_file.parent
-    argv = ["launch", "--processes", "2", "--devices-per-process", "2", "--",
-            *train_argv(exp_file, root / "two", root / "data-two", "data=2,fsdp=2")]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "jaxgpt", *argv], env=base_env(1),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return root / "two", proc.stdout, proc.stderr
+def reference(runs):
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(runs):
+    return runs[1:]
 
 
 def test_two_processes_train_like_one(reference, two_process_run):
@@ -335,3 +345,10 @@ def test_launch_environment():
     )
     assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
     json.dumps(env)  # plain strings only
+
+
+def test_launch_reports_the_cause_of_a_failure():
+    # Process 1 killed, process 0 failing because of it: the launcher names process 1.
+    assert _first_failure([1, -signal.SIGKILL]) == (1, -signal.SIGKILL)
+    assert _first_failure([2, 2]) == (0, 2)
+    assert _first_failure([None, 0]) is None

@@ -163,20 +163,18 @@ def _supervise(procs: list[subprocess.Popen], relays: list[threading.Thread]) ->
     stop_deadline = None
     try:
         while any(p.poll() is None for p in procs):
-            if failed is None:
-                for i, p in enumerate(procs):
-                    code = p.poll()
-                    if code is not None and code != 0 and not signalled:
-                        failed = (i, code)
-                        print(
-                            f"jaxgpt launch: process {i} {_describe(code)}; stopping the others",
-                            file=sys.stderr,
-                        )
-                        for q in procs:
-                            if q.poll() is None:
-                                q.send_signal(signal.SIGTERM)
-                        stop_deadline = time.monotonic() + GRACE_S
-                        break
+            if failed is None and not signalled:
+                failed = _first_failure([p.poll() for p in procs])
+            if failed is not None and stop_deadline is None:
+                i, code = failed
+                print(
+                    f"jaxgpt launch: process {i} {_describe(code)}; stopping the others",
+                    file=sys.stderr,
+                )
+                for q in procs:
+                    if q.poll() is None:
+                        q.send_signal(signal.SIGTERM)
+                stop_deadline = time.monotonic() + GRACE_S
             if stop_deadline is not None and time.monotonic() > stop_deadline:
                 for q in procs:
                     if q.poll() is None:
@@ -187,16 +185,19 @@ def _supervise(procs: list[subprocess.Popen], relays: list[threading.Thread]) ->
             signal.signal(s, handler)
     for t in relays:
         t.join(timeout=5)
-    codes = [p.returncode for p in procs]
+    if failed is None and not signalled:
+        failed = _first_failure([p.returncode for p in procs])
     if failed is not None:
         i, code = failed
         print(f"jaxgpt launch: error: process {i} {_describe(code)}", file=sys.stderr)
         return code if code > 0 else 128 - code
     if signalled:
         return 130 if signalled[0] == signal.SIGINT else 128 + signal.SIGTERM
-    bad = [(i, c) for i, c in enumerate(codes) if c != 0]
-    if bad:
-        i, code = bad[0]
-        print(f"jaxgpt launch: error: process {i} {_describe(code)}", file=sys.stderr)
-        return code if code > 0 else 128 - code
     return 0
+
+
+def _first_failure(codes: list[int | None]) -> tuple[int, int] | None:
+    """(process id, exit code) of the failure to report: one killed by a signal is the cause,
+    the others' errors its consequence; then the lowest id."""
+    failures = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+    return min(failures, key=lambda f: (f[1] >= 0, f[0])) if failures else None
