@@ -82,7 +82,7 @@ class Conversation:
         shown = ""
         for token in self._generate(logits_BV, limit):
             if token == self._ids.end:
-                break
+                continue  # the last token: the reply is complete
             reply_ids.append(token)
             so_far = self.tokenizer.decode(reply_ids)
             # A multi-byte character may span tokens: show only what decodes cleanly so far.
@@ -136,12 +136,14 @@ class Conversation:
         """
         self._key, key = jax.random.split(self._key)
         keys = jax.random.split(key, limit + self.chunk)
-        token = int(self._sampler(logits_BV, keys[0])[0])
-        generated = [token]
-        yield token
-        if token != self._ids.end and limit > 1:
+        generated = [int(self._sampler(logits_BV, keys[0])[0])]
+        state = None
+        try:  # the bookkeeping holds even if the caller stops reading early
+            yield generated[0]
+            if generated[0] == self._ids.end or limit == 1:
+                return
             state = DecodeState(
-                self._cache, jnp.asarray([token], jnp.int32), jnp.zeros((1,), bool),
+                self._cache, jnp.asarray(generated, jnp.int32), jnp.zeros((1,), bool),
                 jnp.int32(self._slot), jnp.zeros((1,), jnp.int32),
             )  # fmt: skip
             while len(generated) < limit and generated[-1] != self._ids.end:
@@ -150,10 +152,11 @@ class Conversation:
                     keys_N=keys[len(generated) : len(generated) + self.chunk],
                     eos_id=self._ids.end, limit=min(self.chunk, limit - len(generated)),
                 )  # fmt: skip
-                for t in np.asarray(out_BN)[0, : int(steps)].tolist():
-                    generated.append(t)
-                    yield t
-            self._cache = state.cache
-            self._slot = int(state.slot)
-        last = generated[-1]
-        self._carry = [last] if last == self._ids.end else [last, self._ids.end]
+                new = np.asarray(out_BN)[0, : int(steps)].tolist()
+                generated += new  # all of them are in the cache but the last, whatever is read
+                yield from new
+        finally:
+            if state is not None:  # decoding donated the old cache: keep the new one
+                self._cache, self._slot = state.cache, int(state.slot)
+            last = generated[-1]
+            self._carry = [last] if last == self._ids.end else [last, self._ids.end]
