@@ -78,22 +78,25 @@ class Conversation:
         self.messages.append(user)
         self._slot += len(new)
         limit = min(self.max_new_tokens, self.config.block_size - self._slot + 1)
-        reply_ids: list[int] = []
+        generated: list[int] = []  # filled by the decoder: every token it made, <|end|> included
         shown = ""
-        for token in self._generate(logits_BV, limit):
-            if token == self._ids.end:
-                continue  # the last token: the reply is complete
-            reply_ids.append(token)
-            so_far = self.tokenizer.decode(reply_ids)
-            # A multi-byte character may span tokens: show only what decodes cleanly so far.
-            if not so_far.endswith("\ufffd"):
-                yield so_far[len(shown) :]
-                shown = so_far
-        answer = self.tokenizer.decode(reply_ids)
+        try:
+            for _ in self._generate(logits_BV, limit, generated):
+                so_far = self._text(generated)
+                # A multi-byte character may span tokens: show only what decodes cleanly so far.
+                if not so_far.endswith("\ufffd") and len(so_far) > len(shown):
+                    yield so_far[len(shown) :]
+                    shown = so_far
+        finally:  # also when the caller stops reading (Ctrl-C): the turn is kept as far as made
+            answer = self._text(generated)
+            self.messages.append({"role": "assistant", "content": answer})
+            made = len([t for t in generated if t != self._ids.end])
+            self.turn_stats.append(TurnStats(len(new), len(whole), made, restarted))
         if answer[len(shown) :]:
             yield answer[len(shown) :]
-        self.messages.append({"role": "assistant", "content": answer})
-        self.turn_stats.append(TurnStats(len(new), len(whole), len(reply_ids), restarted))
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([t for t in ids if t != self._ids.end])
 
     # ---- the cache across turns
 
@@ -127,7 +130,7 @@ class Conversation:
         del self.messages[turns[0] : turns[0] + 2]
         return True
 
-    def _generate(self, logits_BV: jax.Array, limit: int) -> Iterator[int]:
+    def _generate(self, logits_BV: jax.Array, limit: int, generated: list[int]) -> Iterator[int]:
         """Sample the first token from the prefill's logits, then decode chunk by chunk.
 
         Afterwards the cache holds every generated token but the last (decoding writes a token
@@ -136,7 +139,7 @@ class Conversation:
         """
         self._key, key = jax.random.split(self._key)
         keys = jax.random.split(key, limit + self.chunk)
-        generated = [int(self._sampler(logits_BV, keys[0])[0])]
+        generated.append(int(self._sampler(logits_BV, keys[0])[0]))
         state = None
         try:  # the bookkeeping holds even if the caller stops reading early
             yield generated[0]
@@ -153,7 +156,7 @@ class Conversation:
                     eos_id=self._ids.end, limit=min(self.chunk, limit - len(generated)),
                 )  # fmt: skip
                 new = np.asarray(out_BN)[0, : int(steps)].tolist()
-                generated += new  # all of them are in the cache but the last, whatever is read
+                generated.extend(new)  # all in the cache but the last, whatever is read
                 yield from new
         finally:
             if state is not None:  # decoding donated the old cache: keep the new one

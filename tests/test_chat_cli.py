@@ -204,3 +204,21 @@ def test_eval_arithmetic_scores_a_chat_model(sft_run, tmp_path, capsys):
     direct = arithmetic.evaluate_model(model.params, model.config, model.tokenizer, n=12)
     assert record["accuracy"] == direct["accuracy"] and record["n"] == 12
     assert "held-out arithmetic (12 problems" in capsys.readouterr().out
+
+
+def test_a_reply_read_in_part_keeps_the_conversation_consistent(sft_run):
+    """Ctrl-C while a reply streams: the turn is kept as far as it was made, and the next turn
+    answers exactly what a fresh prefill of the recorded conversation gives."""
+    result, _ = sft_run
+    model = load_model(str(result.run_dir))
+    session = Conversation(model.params, model.config, model.tokenizer, temperature=0.0,
+                           max_new_tokens=20, chunk=3)  # fmt: skip
+    stream = session.reply("What is 3 + 4?")
+    next(stream)
+    stream.close()  # the reader stops after the first piece
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    second = "".join(session.reply("Add 10 and 20."))
+    end = chat.chat_tokens(model.tokenizer).end
+    whole = chat.render_prompt(session.messages[:-1], model.tokenizer)
+    out = generate(model.params, model.config, whole, 20, temperature=0.0, eos_id=end)
+    assert second == model.tokenizer.decode([t for t in out[len(whole) :] if t != end])
