@@ -125,19 +125,14 @@ def check_training_messages(messages: list[dict[str, str]]) -> None:
 
 def write_jsonl(path: str | Path, conversations: Iterator[list[dict[str, str]]]) -> int:
     """Write `{"messages": [...]}` lines (the chat data format); returns the line count."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    from jaxgpt import atomic
+
     count = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for messages in conversations:
-                check_training_messages(messages)
-                handle.write(json.dumps({"messages": messages}) + "\n")
-                count += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    with atomic.staged_file(path) as handle:
+        for messages in conversations:
+            check_training_messages(messages)
+            handle.write(json.dumps({"messages": messages}) + "\n")
+            count += 1
     return count
 
 

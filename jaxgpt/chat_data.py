@@ -14,9 +14,7 @@ written into a temporary directory that replaces the output only when complete.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt import arithmetic, chat
+from jaxgpt import arithmetic, atomic, chat
 from jaxgpt.errors import InputError
 from jaxgpt.packing import Documents, trained_fraction
 from jaxgpt.tokenizer import (
@@ -86,12 +84,7 @@ def prepare_chat(
     out = Path(out_dir)
     tok = _chat_tokenizer(source, tokenizer)
     dtype = np.dtype(np.uint8 if tok.n_vocab <= 256 else np.uint16)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as err:
-        raise InputError(f"cannot create the data directory {out}: {err.strerror or err}") from err
-    try:
+    with atomic.staged_directory(out, "the data directory") as tmp:
         counts = _render_splits(source, tok, tmp, dtype, val_fraction, split_seed, progress)
         meta = {
             "version": META_VERSION, "format": FORMAT, "tokenizer": tokenizer,
@@ -100,16 +93,6 @@ def prepare_chat(
             "split_seed": split_seed, **counts,
         }  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-        if out.exists():
-            aside = out.with_name(f".{out.name}.old")
-            shutil.rmtree(aside, ignore_errors=True)
-            out.replace(aside)
-            tmp.replace(out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

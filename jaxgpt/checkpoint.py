@@ -32,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxgpt import atomic
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, InputError, JaxgptError
 from jaxgpt.tokenizer import Tokenizer, tokenizer_from_json, tokenizer_to_json
@@ -234,27 +235,13 @@ def _restore_error(err: Exception, where: Path) -> JaxgptError:
 # --------------------------------------------------------------------------- run files
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename: a reader, or a process killed midway,
-    sees the old content or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_run_files(
     run_dir: Path, experiment: dict[str, Any], config: GPTConfig, tokenizer: Tokenizer
 ) -> None:
-    write_text_atomic(run_dir / EXPERIMENT_FILE, json.dumps(experiment, indent=1))
-    write_text_atomic(run_dir / MODEL_FILE, json.dumps(config.to_dict(), indent=1))
+    atomic.write_text(run_dir / EXPERIMENT_FILE, json.dumps(experiment, indent=1))
+    atomic.write_text(run_dir / MODEL_FILE, json.dumps(config.to_dict(), indent=1))
     spec = tokenizer_to_json(tokenizer)  # chat tokens included
-    write_text_atomic(run_dir / TOKENIZER_FILE, json.dumps(spec, ensure_ascii=False))
+    atomic.write_text(run_dir / TOKENIZER_FILE, json.dumps(spec, ensure_ascii=False))
 
 
 def set_aside(run_dir: Path, move: list[str], copy: list[str] = RUN_FILES) -> Path | None:

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt import chat
+from jaxgpt import atomic, chat
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, MissingExtraError
 from jaxgpt.params import Params, check_params
@@ -301,31 +298,13 @@ def save_hf(
     put(params, _TOP_NAMES, "")
     for i, block_params in enumerate(params["blocks"]):
         put(block_params, _BLOCK_NAMES, f"h.{i}.")
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    except OSError as err:
-        raise InputError(f"cannot save a model to {directory}: {err}") from err
-    try:
+    with atomic.staged_directory(directory, "a model directory") as tmp:
         safetensors_numpy.save_file(
             tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"}
         )
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
         for name, data in tokenizer_files.items():
             (tmp / name).write_bytes(data)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary directory
-        if directory.is_dir():
-            # Replace: move the old directory aside first (rename cannot replace a non-empty
-            # directory), then delete it only once the new one is in place.
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return directory
 
 

@@ -12,11 +12,11 @@ cut short by an interrupted download is an error, never a silently shorter strea
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from jaxgpt import atomic
 from jaxgpt.errors import InputError
 
 MAGIC = 20240520
@@ -71,11 +71,6 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         raise InputError(f"a token shard holds fewer than 2**31 tokens, got {len(tokens):,}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = MAGIC, VERSION, len(tokens)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
+    with atomic.staged_file(path, "wb") as handle:
         handle.write(header.tobytes())
         handle.write(tokens.astype(TOKEN_DTYPE).tobytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxgpt import batches, checkpoint, data, flops, sharding
+from jaxgpt import atomic, batches, checkpoint, data, flops, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
@@ -537,7 +537,7 @@ def run(
         if changes and main:
             for key, (old, new) in changes.items():
                 print(f"  {key}: {old!r} → {new!r}", file=sys.stderr)
-            checkpoint.write_text_atomic(
+            atomic.write_text(
                 run_dir / checkpoint.EXPERIMENT_FILE, json.dumps(exp.to_dict(), indent=1)
             )
     else:
@@ -589,7 +589,7 @@ def run(
             kept_rows.append({"kind": "resume", "step": start_step,
                               "changed": {k: list(v) for k, v in changes.items()}})  # fmt: skip
         text = "".join(json.dumps(r) + "\n" for r in kept_rows)
-        checkpoint.write_text_atomic(metrics_path, text)
+        atomic.write_text(metrics_path, text)
     metrics_file = metrics_path.open("a") if main else None
 
     def log(row: dict) -> None:
@@ -733,10 +733,7 @@ def write_report(
         t0 = time.perf_counter()
         scored = arithmetic.evaluate_model(params, config, tokenizer)
         report["held_out"] = {**scored, "eval_wall_s": round(time.perf_counter() - t0, 1)}
-    path = run_dir / "report.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(path)
+    atomic.write_text(run_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 

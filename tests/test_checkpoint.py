@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint
+from jaxgpt import atomic, checkpoint
 from jaxgpt.errors import CheckpointFormatError
 from jaxgpt.experiment import apply_overrides, load_experiment
 from jaxgpt.plot import read_metrics
@@ -208,7 +208,7 @@ def test_run_files_are_replaced_atomically(tmp_path, monkeypatch):
     dies midway (here: the disk fails at fsync) leaves the old content whole and no stray file."""
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n')
-    checkpoint.write_text_atomic(path, '{"step": 1}\n{"step": 2}\n')
+    atomic.write_text(path, '{"step": 1}\n{"step": 2}\n')
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
 
     def disk_full(fd):
@@ -216,6 +216,6 @@ def test_run_files_are_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.write_text_atomic(path, "x" * 1000)
+        atomic.write_text(path, "x" * 1000)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

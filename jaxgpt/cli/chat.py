@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxgpt import chat
+from jaxgpt import atomic, chat
 from jaxgpt.cli.common import load_model
 from jaxgpt.config import PRESETS
 from jaxgpt.errors import InputError, JaxgptError
@@ -196,8 +196,6 @@ def answer_file(args: argparse.Namespace, model, rows: list[dict]) -> int:
             out_lines.append(json.dumps({**row, "messages": messages}, ensure_ascii=False))
         bar.update(len(chunk))
     bar.close()
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text("\n".join(out_lines) + "\n", encoding="utf-8")
-    tmp.replace(args.output)
+    atomic.write_text(args.output, "\n".join(out_lines) + "\n")
     print(f"wrote {len(out_lines)} answered conversations to {args.output}", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jaxgpt import atomic
 from jaxgpt.cli.common import load_model
 from jaxgpt.config import PRESETS
 from jaxgpt.data import load_meta, load_tokens
@@ -89,9 +90,7 @@ def check_json_path(path: Path | None) -> None:
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def check_positive(name: str, value: int | None) -> None:
