@@ -4,8 +4,9 @@ Starts N `jaxgpt train` processes on this machine that form one multi-process JA
 N hosts would: each gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES,
 its JAX_PROCESS_ID, JAX_PLATFORMS=cpu and K simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=K). Their output lines are prefixed with the
-process id. When one process fails, the others are stopped and the launcher exits with that
-process's code; Ctrl-C and SIGTERM are passed on to every process (each checkpoints and exits).
+process id. When one process fails, the others stop too (killed if they have not noticed within
+GRACE_S) and the launcher exits with that process's code; Ctrl-C and SIGTERM are passed on to
+every process (each checkpoints and exits).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import IO
 
 from jaxgpt.errors import InputError
 
-GRACE_S = 30  # how long stopped processes get to checkpoint and exit before they are killed
+GRACE_S = 45  # after one process fails, how long the others get to notice and exit on their own
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -168,12 +169,13 @@ def _supervise(procs: list[subprocess.Popen], relays: list[threading.Thread]) ->
             if failed is not None and stop_deadline is None:
                 i, code = failed
                 print(
-                    f"jaxgpt launch: process {i} {_describe(code)}; stopping the others",
+                    f"jaxgpt launch: process {i} {_describe(code)}; the others stop when they "
+                    f"notice (or are killed in {GRACE_S} s)",
                     file=sys.stderr,
                 )
-                for q in procs:
-                    if q.poll() is None:
-                        q.send_signal(signal.SIGTERM)
+                # No SIGTERM: a process asked to stop would try to agree with the lost one first.
+                # Each fails in its next collective and says so; JAX's heartbeat (30 s) catches the
+                # rest.
                 stop_deadline = time.monotonic() + GRACE_S
             if stop_deadline is not None and time.monotonic() > stop_deadline:
                 for q in procs:
