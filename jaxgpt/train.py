@@ -513,9 +513,9 @@ def run(
             f"({total / 2**20:,.1f} MiB in all)",
             file=sys.stderr,
         )
-    if fresh and main:
+    if fresh:  # process 0 moves the old run aside while the others wait for it
         moved = [checkpoint.CHECKPOINT_DIR, checkpoint.METRICS_FILE, checkpoint.PLOT_FILE]
-        aside = checkpoint.set_aside(run_dir, moved)
+        aside = sharding.main_first(lambda: checkpoint.set_aside(run_dir, moved), others=False)
         if aside is not None:
             print(f"--fresh: the previous run's checkpoints and metrics moved to {aside}",
                   file=sys.stderr)  # fmt: skip
