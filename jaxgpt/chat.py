@@ -169,6 +169,28 @@ def render_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> list[int
     return [*ids, ids_of.assistant]
 
 
+def show_mask(ids: Sequence[int], mask: Sequence[int], tokenizer: Tokenizer, *, color: bool) -> str:
+    """A rendered conversation as text with the trained tokens marked: green in a terminal
+    (`color=True`, ANSI), in [brackets] otherwise — to see at a glance what SFT learns."""
+    pieces, run, trained = [], [], None
+
+    def close() -> None:
+        if not run:
+            return
+        text = tokenizer.decode(run)
+        if trained:
+            text = f"\033[1;32m{text}\033[0m" if color else f"[{text}]"
+        pieces.append(text)
+
+    for token, m in zip(ids, mask):
+        if bool(m) != trained:
+            close()
+            run, trained = [], bool(m)
+        run.append(int(token))
+    close()
+    return "".join(pieces)
+
+
 def hf_chat_template() -> str:
     """This format as a Hugging Face chat template (Jinja), for `tokenizer_config.json`.
 

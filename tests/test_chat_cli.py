@@ -222,3 +222,18 @@ def test_a_reply_read_in_part_keeps_the_conversation_consistent(sft_run):
     whole = chat.render_prompt(session.messages[:-1], model.tokenizer)
     out = generate(model.params, model.config, whole, 20, temperature=0.0, eos_id=end)
     assert second == model.tokenizer.decode([t for t in out[len(whole) :] if t != end])
+
+
+def test_prepare_chat_shows_what_is_trained(tmp_path, capsys):
+    src = tmp_path / "chats.jsonl"
+    arithmetic.write_jsonl(src, arithmetic.training_conversations(40, seed=2))
+    assert main(["prepare", str(src), str(tmp_path / "data"), "--format", "chat", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    shown = out.splitlines()[1]
+    first = json.loads(src.read_text().splitlines()[0])["messages"]
+    answer = next(m["content"] for m in first if m["role"] == "assistant")
+    # The assistant's words and its <|end|> are bracketed; the user's question is not.
+    assert f"[{answer}<|end|>]" in shown
+    question = next(m["content"] for m in first if m["role"] == "user")
+    assert f"<|user|>{question}<|end|>" in shown
+    assert "train and" in out.splitlines()[-1] and "said by the assistant" in out

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
             split_seed=args.split_seed, progress=not args.quiet,
         )  # fmt: skip
+        show_first_conversation(args.out)
         print(
             f"{args.out}: {meta['train_conversations']:,} train and {meta['val_conversations']:,}"
             f" val conversations, {meta['train_trained_tokens']:,} of {meta['train_tokens']:,} "
@@ -67,3 +68,19 @@ def run(args: argparse.Namespace) -> int:
         f"from {len(meta['files'])} file(s)"
     )
     return 0
+
+
+def show_first_conversation(out: Path) -> None:
+    """Print the first training conversation as rendered, what SFT trains on marked."""
+    import sys
+
+    from jaxgpt.chat import show_mask
+    from jaxgpt.chat_data import load_documents, tokenizer_from_meta
+    from jaxgpt.data import load_meta
+
+    tokenizer = tokenizer_from_meta(load_meta(out))
+    ids, mask = load_documents(out, "train").doc(0)
+    color = sys.stdout.isatty()
+    where = "in green" if color else "in [brackets]"
+    print(f"the first conversation as the model sees it, the trained tokens {where}:")
+    print("  " + show_mask(ids, mask, tokenizer, color=color).replace("\n", "\n  "))
