@@ -92,7 +92,7 @@ CASES = [
     case("train-experiment-not-json", "train {w}/tiny.py --out {w}/run_notjson "
          "--data-dir {w}/data", "experiment.json", ("run_notjson",)),
     case("train-fresh-bad-init", "train {w}/tiny.py --out {w}/run --data-dir {w}/data --fresh "
-         "--set model.init={w}/typo", "does not exist", RUN),
+         "--set model.init={w}/typo", "model.init", RUN),
     # eval
     case("eval-json-missing-dir", "eval --model {w}/run --data {w}/data/tiny "
          "--json {w}/nope/out.json", "does not exist", RUN),

@@ -35,8 +35,8 @@ def test_wheel_ships_every_package_and_the_experiments():
     }
     listed = set(setuptools["packages"])
     assert on_disk | {"jaxgpt.experiments"} <= listed
-    for data_only in listed - on_disk - {"jaxgpt.experiments"}:  # the asset folders
-        assert data_only.startswith("jaxgpt.assets")
+    for data_only in listed - on_disk - {"jaxgpt.experiments"}:  # asset and page folders
+        assert data_only.startswith(("jaxgpt.assets", "jaxgpt.explore.static"))
         assert (root / data_only.replace(".", "/")).is_dir(), data_only
     assert setuptools["package-dir"] == {"jaxgpt.experiments": "experiments"}
     assert (root / "experiments" / "__init__.py").is_file()

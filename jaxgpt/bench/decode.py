@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             repeats=args.steps,
         )  # fmt: skip
         step_s = (loop.median_s - prefill.median_s) / (new_tokens - 1)
+        if (
+            step_s <= 0
+        ):  # timing noise larger than the whole loop: no figure rather than a wrong one
+            step_s = float("nan")
         # Model FLOPs of a decode step at the mean context length over the generated tokens.
         step_flops = batch * flops_per_token(config, prompt_len + new_tokens // 2, training=False)
         rows.append(

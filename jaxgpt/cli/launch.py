@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--port", type=int, default=None, help="coordinator port on 127.0.0.1 (a free one)"
     )
     parser.add_argument(
-        "command", nargs=argparse.REMAINDER, metavar="-- train EXPERIMENT ...",
+        "job", nargs=argparse.REMAINDER, metavar="-- train EXPERIMENT ...",
         help="the jaxgpt command every process runs",
     )  # fmt: skip
     parser.set_defaults(func=run)
@@ -107,7 +107,7 @@ def _describe(code: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    command = list(args.command)
+    command = list(args.job)  # (not `args.command`: that names the jaxgpt subcommand)
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:
