@@ -73,8 +73,8 @@ def check_attention(out: Path, dry_run: bool) -> tuple[list[dict], dict]:
     return rows, ratios
 
 
-def check_decode(out: Path) -> tuple[list[dict], dict]:
-    rows, summary = [], {}
+def check_decode(out: Path) -> list[dict]:
+    rows = []
     for path in sorted(out.glob("decode*.json")):
         got = load(path)
         rows += got
@@ -83,7 +83,7 @@ def check_decode(out: Path) -> tuple[list[dict], dict]:
             raise CheckFailed(f"{path.name}: batches {sorted(batches)}, expected 1 and 8")
         for row in got:
             finite(row, "decode_tokens_per_s", f"{path.name} batch {row['batch']}")
-    return rows, summary
+    return rows
 
 
 def hbm_fraction(row: dict, device: str) -> float | None:
@@ -110,7 +110,7 @@ def main() -> int:
         (train,) = load(args.out / "train.json")
         for key in ("tokens_per_s", "mfu"):
             finite(train, key, "train")
-        decode, _ = check_decode(args.out)
+        decode = check_decode(args.out)
     except CheckFailed as err:
         print(f"device_check_report: FAILED: {err}", file=sys.stderr)
         return 1
