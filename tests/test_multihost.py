@@ -244,8 +244,14 @@ def test_sigterm_stops_every_process_and_a_lost_process_stops_the_job(tmp_path, 
     assert code == 128 + signal.SIGKILL, err[-3000:]
     lines = err.strip().splitlines()
     assert lines[-1] == "jaxgpt launch: error: process 1 was killed by SIGKILL", err[-3000:]
+    # Process 0 stops either by itself, with one line (when the lost peer fails the collective it
+    # is in), or — when it is blocked where it cannot notice — by JAX's heartbeat check, which
+    # ends it with JAX's own log. Both within the time bound; seen both ways on this machine.
     lost = [line for line in lines if line.startswith("[0] jaxgpt train: error: process 0 of 2")]
-    assert len(lost) == 1 and lost[0].endswith("start every process again to resume"), err[-3000:]
+    heartbeat = "[0] F" in err and "JAX distributed service detected fatal errors" in err
+    assert heartbeat or (
+        len(lost) == 1 and lost[0].endswith("start every process again to resume")
+    ), err[-3000:]
 
 
 def child_with_process_id(parent: int, process_id: int) -> int:
