@@ -16,6 +16,7 @@ from jaxgpt.errors import ConfigError
 
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+HEADS = ("lm", "reward", "lm+value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,10 @@ class GPTConfig:
       dtype: compute dtype of matmuls ("float32" or "bfloat16"); parameters stay float32,
         softmax and LayerNorm statistics always run in float32.
       attention: attention backend, one of ATTENTION_BACKENDS.
+      head: what the model outputs, one of HEADS: "lm" (next-token logits through the tied
+        embedding: a policy), "reward" (a scalar score per position from `score_head`: a reward
+        model), "lm+value" (logits and a scalar value per position from `value_head`: a PPO
+        policy with its critic). See `jaxgpt.heads`.
     """
 
     vocab_size: int = 50257
@@ -50,6 +55,7 @@ class GPTConfig:
     use_bias: bool = True
     dtype: str = "float32"
     attention: str = "xla"
+    head: str = "lm"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -77,6 +83,8 @@ class GPTConfig:
             raise ConfigError(
                 f"GPTConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}"
             )
+        if self.head not in HEADS:
+            raise ConfigError(f"GPTConfig.head must be one of {HEADS}, got {self.head!r}")
 
     @property
     def head_dim(self) -> int:

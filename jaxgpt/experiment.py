@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from jaxgpt.config import ATTENTION_BACKENDS, GPTConfig
+from jaxgpt.config import ATTENTION_BACKENDS, HEADS, GPTConfig
 from jaxgpt.data import ENCODING_ERRORS
 from jaxgpt.errors import ConfigError
 from jaxgpt.sharding import parse_mesh
@@ -37,6 +37,9 @@ class ModelSection:
     """The network. `init` is "scratch", a Hugging Face GPT-2 directory, or a jaxgpt run dir.
 
     When `init` is a directory, the shape fields are taken from it and only dropout/dtype apply.
+    `head` is what the model outputs (`GPTConfig.head`): "lm" for a policy, "reward" for a reward
+    model, "lm+value" for a PPO policy with its value head; a run directory trained with the
+    "lm" head can start either of the others (`jaxgpt.heads.with_head`).
     """
 
     n_layer: int = 4
@@ -48,6 +51,7 @@ class ModelSection:
     dtype: str = "float32"
     attention: str = "xla"  # backend: xla | cudnn | pallas | auto (see docs/kernels.md)
     init: str = "scratch"
+    head: str = "lm"  # lm | reward | lm+value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +195,7 @@ class Experiment:
             vocab_size=vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
             n_embd=m.n_embd, embd_dropout=m.dropout, attn_dropout=m.dropout,
             resid_dropout=m.dropout, use_bias=m.use_bias, dtype=m.dtype, attention=m.attention,
+            head=m.head,
         )  # fmt: skip
 
     @property
@@ -230,6 +235,8 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(
             f"model.attention must be one of {ATTENTION_BACKENDS}, got {exp.model.attention!r}"
         )
+    if exp.model.head not in HEADS:
+        raise ConfigError(f"model.head must be one of {HEADS}, got {exp.model.head!r}")
     _positive("eval", exp.eval, "interval", "batches", "log_interval")
     _positive("checkpoint", exp.checkpoint, "interval", "keep")
     if not 0.0 < exp.data.val_fraction < 1.0:

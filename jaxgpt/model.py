@@ -334,6 +334,50 @@ def forward(
 
     Jit it with `jax.jit(forward, static_argnames=("config", "train", "capture"))`.
     """
+    x_BTD, captured = residual_stream(
+        params, tokens_BT, config, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+        train=train, key=key, capture=capture,
+    )  # fmt: skip
+    logits_BTV = unembed(params, x_BTD, config)
+    if capture:
+        captured["ln_f"] = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+        captured["logits"] = logits_BTV
+        return logits_BTV, captured
+    return logits_BTV
+
+
+def hidden_states(
+    params: Params,
+    tokens_BT: jax.Array,
+    config: GPTConfig,
+    *,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    train: bool = False,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """The final LayerNorm's output `[B, T, D]` (float32): what the output layer and the scalar
+    heads of `jaxgpt.heads` read. Arguments as for `forward`."""
+    x_BTD, _ = residual_stream(
+        params, tokens_BT, config, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+        train=train, key=key,
+    )  # fmt: skip
+    return layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+
+
+def residual_stream(
+    params: Params,
+    tokens_BT: jax.Array,
+    config: GPTConfig,
+    *,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    train: bool = False,
+    key: jax.Array | None = None,
+    capture: bool = False,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """Embeddings and every block: the residual stream `[B, T, D]` before the final LayerNorm,
+    and the captured intermediates (empty unless `capture`). Arguments as for `forward`."""
     check_tokens(tokens_BT, config)
     check_params(params, config)
     if (
@@ -384,12 +428,7 @@ def forward(
         captured["layers"] = [
             jax.tree.map(lambda a, i=i: a[i], captured_L) for i in range(config.n_layer)
         ]
-    logits_BTV = unembed(params, x_BTD, config)
-    if capture:
-        captured["ln_f"] = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
-        captured["logits"] = logits_BTV
-        return logits_BTV, captured
-    return logits_BTV
+    return x_BTD, captured
 
 
 def forward_cached(

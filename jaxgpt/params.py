@@ -56,8 +56,15 @@ def _layer_norm(d: int, use_bias: bool) -> Params:
     return norm
 
 
+# The scalar head each `GPTConfig.head` adds to the GPT-2 params (see `jaxgpt.heads`).
+SCALAR_HEADS = {"reward": "score_head", "lm+value": "value_head"}
+
+
 def init_params(config: GPTConfig, key: jax.Array) -> Params:
     """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm scales.
+
+    A reward model (`config.head == "reward"`) also gets `score_head` and a PPO policy
+    (`"lm+value"`) `value_head`: a `[D, 1]` linear layer with a bias, N(0, 0.02).
 
     The two projections that write into the residual stream (attention and MLP `c_proj`) use
     std 0.02 / sqrt(2 · n_layer), so the stream's variance does not grow with depth.
@@ -84,12 +91,21 @@ def init_params(config: GPTConfig, key: jax.Array) -> Params:
                 },
             }
         )
-    return {
+    params = {
         "wte": normal(k_wte, (config.vocab_size, D), jnp.float32),
         "wpe": normal(k_wpe, (config.block_size, D), jnp.float32),
         "blocks": blocks,
         "ln_f": _layer_norm(D, bias),
     }
+    head = SCALAR_HEADS.get(config.head)
+    if head is not None:  # a reward model's score or a PPO policy's value: D → 1
+        params[head] = init_scalar_head(jax.random.fold_in(key, 1), D)
+    return params
+
+
+def init_scalar_head(key: jax.Array, d: int) -> Params:
+    """A reward or value head: a `[D, 1]` linear layer, N(0, 0.02) weights and a zero bias."""
+    return _linear(key, d, 1, INIT_STD, True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,6 +153,9 @@ def param_table(config: GPTConfig) -> list[tuple[str, str, int]]:
             L * (count(block["ln_1"]) + count(block["ln_2"])) + count(shapes["ln_f"]),
         ),
     ]
+    head = SCALAR_HEADS.get(config.head)
+    if head is not None:
+        rows.append((f"{head} (scalar)", shape_of(shapes[head]), count(shapes[head])))
     total = count(shapes)
     assert total == sum(r[2] for r in rows), "param_table misses a component"
     rows.append(("total", f"D={D}, L={L}, H={config.n_head}", total))

@@ -265,6 +265,9 @@ def save_hf(
 ) -> Path:
     """Write a directory that `transformers.GPT2LMHeadModel.from_pretrained` loads.
 
+    A PPO policy's value head (`GPTConfig.head == "lm+value"`) is a training-only part and is
+    left out; a reward model is refused.
+
     With `tokenizer` (GPT-2's BPE, possibly with added special tokens such as the chat tokens),
     also the tokenizer files `transformers.AutoTokenizer.from_pretrained` loads offline.
 
@@ -275,6 +278,10 @@ def save_hf(
     """
     safetensors_numpy = _import_hf("safetensors.numpy", "saving a Hugging Face checkpoint")
     check_params(params, config)
+    if config.head == "reward":
+        raise CheckpointFormatError(
+            "a reward model (model.head='reward') has no GPT2LMHeadModel form; export a policy"
+        )
     tokenizer_files = {} if tokenizer is None else hf_tokenizer_files(tokenizer, config)
     directory = Path(path)
     if directory.exists() and not directory.is_dir():

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxgpt import atomic, batches, checkpoint, data, flops, sharding
+from jaxgpt import atomic, batches, checkpoint, data, flops, heads, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
@@ -314,7 +314,9 @@ def initial_params(exp: Experiment, tokenizer: Tokenizer) -> tuple[GPTConfig, Pa
         raise ConfigError(
             f"model.block_size {m.block_size} exceeds {m.init!r}'s context {config.block_size}"
         )
-    return config, params
+    # A reward model or a PPO policy starts from a language model's trunk with a new head.
+    head_key = jax.random.fold_in(jax.random.key(exp.schedule.seed), 2)
+    return heads.with_head(config, params, m.head, head_key, source=f"model.init {m.init!r}")
 
 
 def check_same_tokenizer(theirs: Tokenizer, ours: Tokenizer, init: str) -> None:

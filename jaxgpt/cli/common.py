@@ -23,11 +23,21 @@ class LoadedModel:
     source: str  # a human-readable description of where the weights came from
 
 
-def load_model(spec: str, *, seed: int = 0, **overrides: Any) -> LoadedModel:
+POLICY_HEADS = ("lm", "lm+value")
+
+
+def load_model(
+    spec: str, *, seed: int = 0, heads: tuple[str, ...] = POLICY_HEADS, **overrides: Any
+) -> LoadedModel:
     """MODEL as the CLI takes it: a preset name (random weights), a Hugging Face GPT-2 directory
-    (or cached hub name), or a jaxgpt training run directory (its latest checkpoint)."""
+    (or cached hub name), or a jaxgpt training run directory (its latest checkpoint).
+
+    `heads` are the kinds of model the command can use (`GPTConfig.head`): by default a policy,
+    so that a reward model given where text is generated is refused in one line.
+    """
     if spec in PRESETS:
         config = get_preset(spec, **overrides)
+        _check_head(config, heads, f"preset {spec!r}")
         tokenizer = get_tokenizer("gpt2")
         # Checked before the warning below, so a refused preset prints one line, not two.
         if config.vocab_size < tokenizer.n_vocab:
@@ -49,10 +59,24 @@ def load_model(spec: str, *, seed: int = 0, **overrides: Any) -> LoadedModel:
 
         if is_run_dir(path):
             config, params, tokenizer, description = load_run_for_inference(path, **overrides)
+            _check_head(config, heads, str(path))
             return LoadedModel(config, params, tokenizer, description)
     from jaxgpt.pretrained import load_hf, load_hf_tokenizer
 
     config, params = load_hf(spec, **overrides)
+    _check_head(config, heads, spec)
     # GPT-2's BPE plus the special tokens the directory adds (e.g. the chat tokens of an export).
     tokenizer = load_hf_tokenizer(spec)
     return LoadedModel(config, params, tokenizer, f"Hugging Face checkpoint {spec}")
+
+
+def _check_head(config: GPTConfig, heads: tuple[str, ...], where: str) -> None:
+    """Refuse a kind of model the command cannot use, e.g. a reward model asked for text."""
+    if config.head not in heads:
+        from jaxgpt.heads import WHAT
+
+        wanted = " or ".join(WHAT[h] for h in heads)
+        raise CheckpointFormatError(
+            f"{where} is {WHAT[config.head]} (model.head={config.head!r}); this command needs "
+            f"{wanted}"
+        )
