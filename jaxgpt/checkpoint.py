@@ -35,6 +35,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from jaxgpt import atomic
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, InputError, JaxgptError
+from jaxgpt.params import param_shapes
 from jaxgpt.tokenizer import Tokenizer, tokenizer_from_json, tokenizer_to_json
 
 EXPERIMENT_FILE = "experiment.json"
@@ -72,9 +73,13 @@ def open_manager(run_dir: str | Path, keep: int = 2) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
-def open_reader(run_dir: str | Path) -> ocp.CheckpointManager:
+def open_reader(run_dir: str | Path, *, partial: bool = False) -> ocp.CheckpointManager:
     """A read-only CheckpointManager for inference: it creates, cleans and deletes nothing, so a
-    training process may be writing a checkpoint into the same run at the same moment."""
+    training process may be writing a checkpoint into the same run at the same moment.
+
+    `partial` reads the state with orbax's PyTree handler, which can restore a part of it
+    (`restore_params`); the files are the same either way.
+    """
     options = ocp.CheckpointManagerOptions(
         read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0
     )
@@ -83,7 +88,10 @@ def open_reader(run_dir: str | Path) -> ocp.CheckpointManager:
     level = absl.level
     absl.setLevel(logging.ERROR)  # orbax warns that the directory is read-only: as intended
     try:
-        return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+        handlers = _item_handlers()
+        if partial:
+            handlers["state"] = ocp.PyTreeCheckpointHandler()
+        return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     finally:
         absl.setLevel(level)
 
@@ -139,10 +147,13 @@ def _key_names(path: tuple) -> str:
     return ".".join(names)
 
 
-def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+def check_matches(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, *, only: str | None = None
+) -> None:
     """Raise CheckpointMismatchError if checkpoint `step` holds other arrays than
     `abstract_state` (another model, optimiser or jaxgpt version), CheckpointCorruptError if its
-    metadata cannot be read."""
+    metadata cannot be read. `only` compares just the stored arrays under that top-level name
+    (e.g. "params", when `abstract_state` is `{"params": ...}`)."""
     where = Path(manager.directory) / str(step)
     try:
         stored = manager.item_metadata(step)["state"]
@@ -150,6 +161,8 @@ def check_matches(manager: ocp.CheckpointManager, step: int, abstract_state: Any
             _key_names(p): (tuple(m.shape), str(m.dtype))
             for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
         }
+        if only is not None:
+            stored = {k: v for k, v in stored.items() if k.split(".")[0] == only}
     except Exception as err:  # any failure to read the metadata: unreadable files
         raise CheckpointCorruptError(
             f"checkpoint {where} is corrupt: its metadata cannot be read ({_first_line(err)}); "
@@ -207,6 +220,31 @@ def restore(
     except Exception as err:  # classified below; the original is chained
         raise _restore_error(err, where) from err
     return restored["state"], dict(restored["loader"])
+
+
+def restore_params(run_dir: str | Path, step: int, abstract_params: Any) -> Any:
+    """Only the params of checkpoint `step` of a run, laid out as `abstract_params` (a pytree of
+    ShapeDtypeStructs with shardings): AdamW's two moments, twice the params' size, stay on disk.
+    Errors are told apart as in `restore`."""
+    manager = open_reader(run_dir, partial=True)
+    where = Path(manager.directory) / str(step)
+    item = {"params": abstract_params}
+    try:
+        check_matches(manager, step, item, only="params")
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+            ),
+        )
+    except JaxgptError:
+        raise
+    except Exception as err:  # classified below; the original is chained
+        raise _restore_error(err, where) from err
+    finally:
+        manager.close()
+    return restored["state"]["params"]
 
 
 def _restore_error(err: Exception, where: Path) -> JaxgptError:
@@ -292,38 +330,29 @@ def load_run_for_inference(
 ) -> tuple[GPTConfig, Any, Tokenizer, str]:
     """(config, params, tokenizer, description) from a run directory's latest checkpoint.
 
+    Only the params are read (`restore_params`), not the optimiser state.
+
     `overrides` replace GPTConfig fields (e.g. dtype="bfloat16"); shape changes are an error.
     """
-    from jaxgpt.experiment import Experiment
-    from jaxgpt.optim import make_optimizer
-    from jaxgpt.train import abstract_train_state
-
     run_dir = Path(path)
     if not is_run_dir(run_dir):
         raise CheckpointFormatError(f"{run_dir} is not a jaxgpt run directory (no {MODEL_FILE})")
     config = GPTConfig.from_dict(read_json(run_dir / MODEL_FILE))
-    experiment = Experiment.from_dict(read_json(run_dir / EXPERIMENT_FILE))
     step = latest_step(run_dir)
     if step is None:
         raise CheckpointFormatError(f"run directory {run_dir} has no checkpoint yet")
-    manager = open_reader(run_dir)
-    optimizer = make_optimizer(experiment.optim, experiment.schedule)
     # Onto this process's first device, whatever mesh the checkpoint was written from.
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=one_device),
-        abstract_train_state(config, optimizer),
+        param_shapes(config),
     )
-    try:
-        state, _ = restore(manager, step, abstract)
-    finally:
-        manager.close()
+    params = restore_params(run_dir, step, abstract)
     if overrides:
         shape_fields = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "use_bias"}
         bad = sorted(shape_fields & overrides.keys())
         if bad:
             raise InputError(f"cannot change {bad} of a trained model in {run_dir}")
         config = config.replace(**overrides)
-    params = jax.tree.map(lambda x: x, state.params)
     description = f"jaxgpt run {run_dir} (step {step})"
     return config, params, load_tokenizer(run_dir), description

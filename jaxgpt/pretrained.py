@@ -116,8 +116,9 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPTConfig:
         raise CheckpointFormatError(f"config.json describes an invalid model: {err}") from err
 
 
-def config_to_hf(config: GPTConfig) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict for a jaxgpt config."""
+def config_to_hf(config: GPTConfig, eos_token_id: int = 50256) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict for a jaxgpt config; `eos_token_id` is where
+    `generate` stops: GPT-2's <|endoftext|>, or a chat model's `<|end|>`."""
     if not config.use_bias:
         raise CheckpointFormatError("Hugging Face GPT-2 has biases; cannot export use_bias=False")
     return {
@@ -139,7 +140,7 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
         "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "eos_token_id": eos_token_id,
     }
 
 
@@ -309,10 +310,21 @@ def save_hf(
         safetensors_numpy.save_file(
             tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"}
         )
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        hf_config = config_to_hf(config, _eos_id(tokenizer))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:  # what `generate` reads for where to stop
+            generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id")}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for name, data in tokenizer_files.items():
             (tmp / name).write_bytes(data)
     return directory
+
+
+def _eos_id(tokenizer: Tokenizer | None) -> int:
+    """A chat model's turns end with `<|end|>`; anything else ends with <|endoftext|> (50256)."""
+    if tokenizer is not None and set(chat.CHAT_TOKENS) <= tokenizer.special_tokens_set:
+        return tokenizer.encode_single_token(chat.END)
+    return 50256
 
 
 def _added_token(content: str) -> dict[str, Any]:

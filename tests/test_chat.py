@@ -258,6 +258,9 @@ def test_exported_chat_model_loads_in_transformers_and_back(exported_chat_model,
     config, params, directory = exported_chat_model
     model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
     assert model.config.vocab_size == 50262
+    # transformers' generate stops where our decoder does: at the end of the assistant turn.
+    end = chat_tokens(gpt2_tok).end
+    assert model.config.eos_token_id == end and model.generation_config.eos_token_id == end
     ids = render_prompt(CONVERSATION[:2], gpt2_tok)
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits.numpy()

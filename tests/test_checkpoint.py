@@ -19,6 +19,7 @@ import pytest
 from jaxgpt import atomic, checkpoint
 from jaxgpt.errors import CheckpointFormatError
 from jaxgpt.experiment import apply_overrides, load_experiment
+from jaxgpt.params import init_params
 from jaxgpt.plot import read_metrics
 from jaxgpt.train import run
 
@@ -125,6 +126,29 @@ def test_reader_leaves_an_unfinished_save_alone(finished, tmp_path):
     assert tree_hashes(run_dir) == before  # the partial save included
     with pytest.raises(CheckpointFormatError, match="not a jaxgpt run directory"):
         checkpoint.load_run_for_inference(tmp_path)
+
+
+def test_readers_restore_only_the_params(finished):
+    """A reader gets exactly the trained params, and reads none of AdamW's moments (twice the
+    params' size); a checkpoint of another model is still told apart."""
+    from jaxgpt.optim import make_optimizer
+    from jaxgpt.train import abstract_train_state
+
+    run_dir = finished[1]
+    config, params, _, _ = checkpoint.load_run_for_inference(run_dir)
+    exp = load_experiment(str(finished[0]))
+    manager = checkpoint.open_reader(run_dir)
+    try:
+        state, _ = checkpoint.restore(
+            manager, 20, abstract_train_state(config, make_optimizer(exp.optim, exp.schedule))
+        )
+    finally:
+        manager.close()
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    other = jax.eval_shape(lambda: init_params(config.replace(n_embd=64), jax.random.key(0)))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="holds a different model"):
+        checkpoint.restore_params(run_dir, 20, other)
 
 
 # Run in a subprocess: slows orbax's commit (the rename of the temporary directory) of checkpoint
