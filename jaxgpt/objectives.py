@@ -7,7 +7,9 @@ An objective is a pure function
 `batch` is one micro-batch as the stage's data source makes it (an int32 `[B, T+1]` array of
 token windows for pretraining; a dict of packed `[B, T+1]` arrays for SFT, see
 `jaxgpt.packing`); `key` is the dropout key (None: no dropout); `loss` is the mean over the
-`weight` predictions the batch trains (a float32 scalar). The train step
+`weight` predictions the batch trains (a float32 scalar). An objective may return a third
+element, a dict of float32 scalars (e.g. PPO's clip fraction), which the train step reports with
+its metrics, weighted over micro-batches like the loss. The train step
 (`jaxgpt.train.make_train_step`) weighs micro-batches by `weight`, so gradient accumulation gives
 the mean over every trained token of the whole step, however they fall into micro-batches.
 
