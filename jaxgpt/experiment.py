@@ -328,8 +328,6 @@ def _validate_rl(exp: Experiment) -> None:
             f"PPO prompts come from the arithmetic demo: data.source must be 'arithmetic', got "
             f"{exp.data.source!r}"
         )
-    if rl.reward not in ("model", "arithmetic"):
-        raise ConfigError(f"rl.reward must be 'model' or 'arithmetic', got {rl.reward!r}")
     if rl.reward == "model" and not rl.reward_model:
         raise ConfigError(
             "rl.reward='model' needs rl.reward_model (a reward model's run directory), or use "

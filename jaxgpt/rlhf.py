@@ -147,13 +147,21 @@ def reward_model_scores(rm_params, rows, *, config) -> jax.Array:
     )  # fmt: skip
 
 
-def verifier_scores(new_BN: np.ndarray, problems, tokenizer: Tokenizer, end_id: int) -> np.ndarray:
+def answers(new_BN: np.ndarray, tokenizer: Tokenizer, end_id: int) -> list[str]:
+    """The text of each sampled answer (up to its `<|end|>`)."""
+    rows = [row[: row.index(end_id)] if end_id in row else row for row in new_BN.tolist()]
+    return [tokenizer.decode(row) for row in rows]
+
+
+def verifier_scores(texts: list[str], problems: list[tuple[int, int, int]]) -> np.ndarray:
     """1.0 for an answer whose last integer is the sum (`arithmetic.verify`), else 0.0."""
-    out = np.zeros(len(problems), np.float32)
-    for i, (row, (a, b, _)) in enumerate(zip(new_BN.tolist(), problems)):
-        answer = row[: row.index(end_id)] if end_id in row else row
-        out[i] = float(arithmetic.verify(tokenizer.decode(answer), a, b))
-    return out
+    return np.array([arithmetic.verify(t, a, b) for t, (a, b, _) in zip(texts, problems)],
+                    np.float32)  # fmt: skip
+
+
+# Rewards computed from the answers' text on the host: name → f(texts, problems) -> scores [B].
+# `rl.reward` is "model" (the reward model) or one of these.
+REWARDS = {"arithmetic": verifier_scores}
 
 
 # --------------------------------------------------------------------------- the update
@@ -211,9 +219,27 @@ def make_ppo_step(config: GPTConfig, optimizer: optax.GradientTransformation, rl
 
         new_state, metrics_U = jax.lax.scan(update, state, orders_UM)
         metrics = jax.tree.map(lambda x: x.mean(), metrics_U)
-        return new_state.replace(step=state.step + 1), {**metrics, **batch["figures"]}
+        # The rollout's figures first: a NaN there (say the KL) is what the error names.
+        return new_state.replace(step=state.step + 1), {**batch["figures"], **metrics}
 
     return ppo_step
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_ppo_step(config: GPTConfig, exp: Experiment, mesh: Mesh):
+    """(optimizer, jitted `make_ppo_step`, state shardings), cached like
+    `jaxgpt.train.compiled_step` so that several runs in one process compile once."""
+    from jaxgpt.train import abstract_train_state, jit_train_step
+
+    optimizer = ppo_optimizer(exp)
+    state_shardings = sharding.tree_shardings(abstract_train_state(config, optimizer), mesh)
+    replicated = NamedSharding(mesh, P())
+    step_fn = jit_train_step(
+        make_ppo_step(config, optimizer, exp.rl),
+        in_shardings=(state_shardings, replicated, replicated),
+        out_shardings=(state_shardings, replicated),
+    )
+    return optimizer, step_fn, state_shardings
 
 
 def ppo_optimizer(exp: Experiment) -> optax.GradientTransformation:
@@ -269,11 +295,16 @@ def check_tokenizer(theirs: Tokenizer, ours: Tokenizer, key: str, path: str) -> 
 
 def ppo_stage(exp: Experiment, mesh: Mesh):
     """The PPO stage of `jaxgpt.train.run` (see `jaxgpt.train.Stage`)."""
-    from jaxgpt.train import Stage, held_out_accuracy, jit_train_step
+    from jaxgpt.train import Stage, held_out_accuracy
 
     if jax.process_count() > 1:
         raise ConfigError("PPO (data.format='prompts') runs in a single process")
     rl, B, N = exp.rl, exp.data.batch_size, exp.rl.gen_tokens
+    if rl.reward != "model" and rl.reward not in REWARDS:
+        raise ConfigError(
+            f"rl.reward must be 'model' (rl.reward_model) or one of {sorted(REWARDS)}, got "
+            f"{rl.reward!r}"
+        )
     ref_config, ref_params, tokenizer = load_frozen(rl.reference, "reference", ("lm", "lm+value"))
     if rl.reward == "model":
         rm_config, rm_params, rm_tokenizer = load_frozen(rl.reward_model, "reward_model",
@@ -293,16 +324,7 @@ def ppo_stage(exp: Experiment, mesh: Mesh):
     last_figures: dict[str, float] = {}
 
     def compile(config: GPTConfig):
-        from jaxgpt.train import abstract_train_state
-
-        optimizer = ppo_optimizer(exp)
-        state_shardings = sharding.tree_shardings(abstract_train_state(config, optimizer), mesh)
-        step_fn = jit_train_step(
-            make_ppo_step(config, optimizer, rl),
-            in_shardings=(state_shardings, replicated, replicated),
-            out_shardings=(state_shardings, replicated),
-        )
-        return optimizer, step_fn, state_shardings
+        return compiled_ppo_step(config, exp, mesh)
 
     def batch(step: int, state, config: GPTConfig) -> dict[str, Any]:
         problems = rl_problems(exp.data.seed, step, B)
@@ -317,7 +339,8 @@ def ppo_stage(exp: Experiment, mesh: Mesh):
         if rl.reward == "model":
             score_B = reward_model_scores(rm_params, rows, config=rm_config)
         else:
-            score_B = jnp.asarray(verifier_scores(np.asarray(new_BN), problems, tokenizer, end_id))
+            texts = answers(np.asarray(new_BN), tokenizer, end_id)
+            score_B = jnp.asarray(REWARDS[rl.reward](texts, problems))
         used = beta["value"]
         out, figures = advantages(
             state.params, ref_params, rows, score_B, np.float32(used), np.float32(rl.temperature),
