@@ -37,7 +37,7 @@ from jaxgpt import arithmetic, chat, checkpoint, heads, ppo, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.decode import decode_padded, left_pad
 from jaxgpt.errors import ConfigError
-from jaxgpt.experiment import Experiment, RLSection, ScheduleSection
+from jaxgpt.experiment import Experiment, OptimSection, RLSection, ScheduleSection
 from jaxgpt.model import forward
 from jaxgpt.objectives import clipped_policy_loss, clipped_value_loss, masked_mean
 from jaxgpt.optim import make_optimizer
@@ -225,33 +225,45 @@ def make_ppo_step(config: GPTConfig, optimizer: optax.GradientTransformation, rl
     return ppo_step
 
 
-@functools.lru_cache(maxsize=4)
 def compiled_ppo_step(config: GPTConfig, exp: Experiment, mesh: Mesh):
     """(optimizer, jitted `make_ppo_step`, state shardings), cached like
-    `jaxgpt.train.compiled_step` so that several runs in one process compile once."""
+    `jaxgpt.train.compiled_step`: runs that differ only in what the update does not read (the
+    frozen models, β, the rollout) compile once."""
+    update = {name: getattr(exp.rl, name) for name in UPDATE_FIELDS}
+    return _compiled_ppo_step(config, exp.optim, exp.schedule, RLSection(**update), mesh)
+
+
+UPDATE_FIELDS = ("epochs", "minibatches", "clip", "value_clip", "value_coef", "temperature")
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_ppo_step(
+    config: GPTConfig, optim: OptimSection, schedule: ScheduleSection, rl: RLSection, mesh: Mesh
+):
     from jaxgpt.train import abstract_train_state, jit_train_step
 
-    optimizer = ppo_optimizer(exp)
+    optimizer = ppo_optimizer(optim, schedule, rl)
     state_shardings = sharding.tree_shardings(abstract_train_state(config, optimizer), mesh)
     replicated = NamedSharding(mesh, P())
     step_fn = jit_train_step(
-        make_ppo_step(config, optimizer, exp.rl),
+        make_ppo_step(config, optimizer, rl),
         in_shardings=(state_shardings, replicated, replicated),
         out_shardings=(state_shardings, replicated),
     )
     return optimizer, step_fn, state_shardings
 
 
-def ppo_optimizer(exp: Experiment) -> optax.GradientTransformation:
+def ppo_optimizer(
+    optim: OptimSection, schedule: ScheduleSection, rl: RLSection
+) -> optax.GradientTransformation:
     """The experiment's optimiser, its schedule stretched to epochs × minibatches updates a step
     (so the learning rate at step s is the schedule's value at s)."""
-    per_step = exp.rl.epochs * exp.rl.minibatches
-    s = exp.schedule
+    per_step = rl.epochs * rl.minibatches
     stretched = ScheduleSection(
-        max_steps=s.max_steps * per_step, warmup_steps=s.warmup_steps * per_step,
-        min_lr_ratio=s.min_lr_ratio, seed=s.seed,
+        max_steps=schedule.max_steps * per_step, warmup_steps=schedule.warmup_steps * per_step,
+        min_lr_ratio=schedule.min_lr_ratio, seed=schedule.seed,
     )  # fmt: skip
-    return make_optimizer(exp.optim, stretched)
+    return make_optimizer(optim, stretched)
 
 
 # --------------------------------------------------------------------------- frozen models

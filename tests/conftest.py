@@ -104,7 +104,8 @@ EXPERIMENT = Experiment(
     optim=OptimSection(lr=1e-3, weight_decay=0.0),
     schedule=ScheduleSection(max_steps={steps}, warmup_steps=0, min_lr_ratio=1.0),
     rl=RLSection(reference={ref!r}, reward_model={rm!r}, gen_tokens=8, epochs=2, minibatches=2),
-    eval=EvalSection(interval={steps}, log_interval=2, sample_tokens=8, temperature=0.0),
+    eval=EvalSection(interval={steps}, log_interval=2, sample_tokens=8, temperature=0.0,
+                     sample_prompt="What is 1 + 2?"),
     checkpoint=CheckpointSection(interval={steps}, keep=2),
 )
 """

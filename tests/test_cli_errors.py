@@ -26,7 +26,7 @@ from jaxgpt.experiment import load_experiment
 from jaxgpt.params import init_params
 from jaxgpt.pretrained import save_hf
 from jaxgpt.train import run
-from tests.conftest import TINY_EXPERIMENT
+from tests.conftest import TINY_EXPERIMENT, TINY_PPO_EXPERIMENT, write_tiny_run
 
 # Run a command with the `hf` extra's packages made unimportable (as on `pip install jaxgpt`).
 WITHOUT_HF = (
@@ -52,6 +52,7 @@ def case(name, argv, message, keeps=(), without_hf=False) -> Case:
 
 
 RUN = ("run",)
+PPO = ("ref", "rm")  # the frozen models a PPO run reads
 # fmt: off
 CASES = [
     # prepare
@@ -93,6 +94,17 @@ CASES = [
          "--data-dir {w}/data", "experiment.json", ("run_notjson",)),
     case("train-fresh-bad-init", "train {w}/tiny.py --out {w}/run --data-dir {w}/data --fresh "
          "--set model.init={w}/typo", "model.init", RUN),
+    # train a PPO policy (data.format=prompts): its frozen models are checked before any write
+    case("train-ppo-no-reference", "train {w}/ppo.py --out {w}/ppo_run --set rl.reference=",
+         "needs a reference policy", PPO),
+    case("train-ppo-rm-tokenizer", "train {w}/ppo.py --out {w}/ppo_run "
+         "--set rl.reward_model={w}/rm_other", "another tokenizer", PPO),
+    case("train-ppo-rm-as-policy", "train {w}/ppo.py --out {w}/ppo_run --set model.init={w}/rm",
+         "is a reward model; it cannot start a PPO policy", PPO),
+    case("train-ppo-policy-as-rm", "train {w}/ppo.py --out {w}/ppo_run "
+         "--set rl.reward_model={w}/ref", "it must be a reward model", PPO),
+    case("train-ppo-rm-as-reference", "train {w}/ppo.py --out {w}/ppo_run "
+         "--set rl.reference={w}/rm", "rl.reference", PPO),
     # eval
     case("eval-json-missing-dir", "eval --model {w}/run --data {w}/data/tiny "
          "--json {w}/nope/out.json", "does not exist", RUN),
@@ -188,6 +200,12 @@ def _build_world(w: Path, corpus: Path) -> None:
     shutil.copytree(w / "hf", w / "hf_truncated")
     weights = w / "hf_truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    write_tiny_run(w / "ref", "lm")
+    write_tiny_run(w / "rm", "reward", seed=1)
+    write_tiny_run(w / "rm_other", "reward", chars="0123456789+= ")
+    ppo = TINY_PPO_EXPERIMENT.format(ref=str(w / "ref"), rm=str(w / "rm"), steps=2)
+    (w / "ppo.py").write_text(ppo)
 
     shutil.copy(corpus, w / "corpus.txt")
     (w / "latin1.txt").write_bytes("Romeo\n caf\u00e9\n".encode("latin-1"))  # é at byte 10

@@ -16,7 +16,7 @@ from jaxgpt import arithmetic, checkpoint, heads, ppo, rlhf, sharding
 from jaxgpt.eval import logprobs
 from jaxgpt.experiment import load_experiment
 from jaxgpt.objectives import masked_mean
-from jaxgpt.train import init_train_state, initial_params, run
+from jaxgpt.train import TrainingDiverged, init_train_state, initial_params, run
 from tests.conftest import TINY_PPO_EXPERIMENT, write_tiny_run
 
 SEVENS = ("rl.reward=sevens", "optim.lr=3e-3", "data.batch_size=16", "rl.beta=0.01",
@@ -39,6 +39,7 @@ def world(tmp_path_factory):
     w = tmp_path_factory.mktemp("rlhf")
     ref = write_tiny_run(w / "ref", "lm", seed=0)
     rm = write_tiny_run(w / "rm", "reward", seed=1)
+    write_tiny_run(w / "ref_nan", "lm", nan=True)
 
     def experiment(steps: int, *overrides: str):
         path = w / f"ppo_{steps}.py"
@@ -111,11 +112,11 @@ def test_advantages_are_the_worked_pieces_on_unpadded_rows(stage_and_state):
     T = tokens.shape[1]
     right = np.stack([np.roll(row, -start) for row, start in zip(tokens, kv_start)])
     lm_config, lm_params = heads.with_head(config, state.params, "lm", jax.random.key(0))
-    logp_r = np.asarray(logprobs(lm_params, lm_config, jnp.asarray(right)))
-    ref_logp_r = np.asarray(logprobs(ref_params, ref_config, jnp.asarray(right)))
-    values_r = np.asarray(
-        heads.logits_and_values(state.params, jnp.asarray(right[:, :-1]), config)[1]
-    )
+    jit_logprobs = jax.jit(logprobs, static_argnames="config")
+    jit_values = jax.jit(lambda p, t: heads.logits_and_values(p, t, config)[1])
+    logp_r = np.asarray(jit_logprobs(lm_params, lm_config, jnp.asarray(right)))
+    ref_logp_r = np.asarray(jit_logprobs(ref_params, ref_config, jnp.asarray(right)))
+    values_r = np.asarray(jit_values(state.params, jnp.asarray(right[:, :-1])))
     logp, ref_logp, values = (np.zeros(mask.shape, np.float32) for _ in range(3))
     for b, start in enumerate(kv_start):
         n = T - 1 - start
@@ -185,3 +186,13 @@ def train_rows(run_dir):
 def final_params(run_dir):
     _, params, _, _ = checkpoint.load_run_for_inference(run_dir)
     return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_a_kl_that_becomes_nan_stops_the_run(world):
+    """A reference whose log-probabilities are NaN: the first logged step names the KL, and no
+    checkpoint from after it is kept."""
+    w, experiment = world
+    exp = experiment(16, *SEVENS, f"rl.reference={w / 'ref_nan'}")
+    with pytest.raises(TrainingDiverged, match="kl became nan .* at step 1"):
+        run(exp, run_dir=w / "nan", progress=False, sample=False)
+    assert checkpoint.latest_step(w / "nan") is None
