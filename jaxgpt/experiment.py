@@ -31,6 +31,8 @@ from jaxgpt.data import ENCODING_ERRORS
 from jaxgpt.errors import ConfigError
 from jaxgpt.sharding import parse_mesh
 
+DATA_FORMATS = ("text", "chat", "preference")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -60,8 +62,10 @@ class DataSection:
 
     Attributes:
       dataset: name of the prepared data directory, `<data_dir>/<dataset>`.
-      format: "text" (a corpus, trained on every next token) or "chat" (conversations in .jsonl,
-        packed into rows and trained only on what the assistant says; see docs/chat.md).
+      format: "text" (a corpus, trained on every next token), "chat" (conversations in .jsonl,
+        packed into rows and trained only on what the assistant says; see docs/chat.md) or
+        "preference" (prompts with a chosen and a rejected answer, `jaxgpt.preferences`; for
+        DPO, whose reference model is `model.init`).
       source: "shakespeare" (the bundled plays), a .txt file, or a directory of .txt files.
       tokenizer: "char" (vocabulary = the corpus' characters) or "gpt2" (BPE).
       val_fraction: share of the corpus held out for validation.
@@ -241,8 +245,8 @@ def validate(exp: Experiment) -> None:
     _positive("checkpoint", exp.checkpoint, "interval", "keep")
     if not 0.0 < exp.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {exp.data.val_fraction!r}")
-    if exp.data.format not in ("text", "chat"):
-        raise ConfigError(f"data.format must be 'text' or 'chat', got {exp.data.format!r}")
+    if exp.data.format not in DATA_FORMATS:
+        raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {exp.data.format!r}")
     if exp.data.tokenizer not in ("char", "gpt2"):
         raise ConfigError(f"data.tokenizer must be 'char' or 'gpt2', got {exp.data.tokenizer!r}")
     if exp.optim.lr <= 0:

@@ -212,6 +212,10 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
     data_dir = data_root / d.dataset
     if d.format == "chat":
         return ensure_chat_data(exp, data_dir, progress=progress)
+    if d.format == "preference":
+        from jaxgpt import preferences
+
+        return preferences.ensure_prepared(exp, data_dir, progress=progress)
     if d.source == data.PREPARED:
         meta = data.load_meta(data_dir)
         if meta.get("tokenizer") != d.tokenizer:
