@@ -14,6 +14,8 @@ the mean over every trained token of the whole step, however they fall into micr
     next_token   pretraining: every next token of every window
     sft          supervised fine-tuning: only the tokens the assistant says (the chat mask),
                  on conversations packed into rows without attending across them
+    reward       a reward model (`GPTConfig.head == "reward"`) on preference pairs: the
+                 Bradley–Terry loss of the scores of the chosen and the rejected answer
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgpt import heads
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.model import forward
@@ -127,6 +130,43 @@ def pairwise_reward_loss(
     """
     margin_B = (reward_chosen_B - reward_rejected_B).astype(jnp.float32)
     return -jax.nn.log_sigmoid(margin_B).mean(), (margin_B > 0).mean()
+
+
+def reward(
+    params: Params, batch: dict[str, jax.Array], config: GPTConfig, key: jax.Array | None
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """A reward model's Bradley–Terry loss on a batch of preference pairs.
+
+    `batch` holds `chosen` and `rejected` (int32 `[B, T+1]` conversations, right-padded) and
+    their `*_mask` (1 on the final answer's tokens and its `<|end|>`; see
+    `jaxgpt.preferences.get_pair_batch`). Each conversation's reward is the score head read at
+    its answer's last token, the `<|end|>` (`heads.sequence_scores` at `heads.last_index` of the
+    mask), on the first T tokens of the row: the model has T positions, and the reward model's
+    data is checked to fit them (`jaxgpt.reward_model.check_fits`). Both sides go through the
+    model as one `[2B, T]` batch. Returns (mean `pairwise_reward_loss` over the B pairs,
+    (B, metrics)): `reward_accuracy` (how often the chosen answer scores higher),
+    `reward_margin` (mean r_chosen - r_rejected), `reward_chosen` and `reward_rejected`.
+    """
+    B = batch["chosen"].shape[0]
+    tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    mask_2BT1 = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    T = tokens_2BT1.shape[1] - 1
+    last_2B = jnp.minimum(heads.last_index(mask_2BT1), T - 1)
+    r_2B = heads.sequence_scores(
+        params, tokens_2BT1[:, :T], last_2B, config, train=key is not None, key=key
+    )
+    chosen_B, rejected_B = r_2B[:B], r_2B[B:]
+    loss, accuracy = pairwise_reward_loss(chosen_B, rejected_B)
+    metrics = {
+        "reward_accuracy": accuracy,
+        "reward_margin": (chosen_B - rejected_B).mean(),
+        "reward_chosen": chosen_B.mean(),
+        "reward_rejected": rejected_B.mean(),
+    }
+    return loss, (jnp.float32(B), metrics)
+
+
+OBJECTIVES["reward"] = reward
 
 
 def dpo_loss(

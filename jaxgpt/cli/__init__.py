@@ -16,7 +16,7 @@ from jaxgpt.errors import JaxgptError
 # Subcommand modules, in the order `jaxgpt --help` lists them.
 COMMANDS = (
     "prepare", "train", "launch", "eval", "sample", "chat", "trace", "explore", "plot", "params",
-    "bench",
+    "bench", "score",
 )  # fmt: skip
 
 
