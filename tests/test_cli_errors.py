@@ -27,6 +27,7 @@ from jaxgpt.params import init_params
 from jaxgpt.pretrained import save_hf
 from jaxgpt.train import run
 from tests.conftest import TINY_EXPERIMENT
+from tests.test_reward_model import reward_run_from
 
 # Run a command with the `hf` extra's packages made unimportable (as on `pip install jaxgpt`).
 WITHOUT_HF = (
@@ -148,6 +149,17 @@ CASES = [
     case("bench-unknown-preset", "bench forward --model gpt3", "unknown preset"),
     case("bench-seq-too-long", "bench forward --seq 100000", "--seq 100000 is too long"),
     case("bench-steps", "bench forward --steps 0", "--steps"),
+    # score: a reward model's scores; a policy, bad lines and unencodable text are refused
+    case("score-policy-as-reward-model", "score --model {w}/run --input {w}/pairs.jsonl",
+         "this command needs a reward model", RUN),
+    case("score-missing-rejected", "score --model {w}/rm --input {w}/pairs_missing.jsonl",
+         'pairs_missing.jsonl:2: missing "rejected"', ("rm",)),
+    case("score-other-tokenizer", "score --model {w}/rm --input {w}/pairs_euro.jsonl",
+         "pairs_euro.jsonl:1: the reward model's char tokenizer cannot encode", ("rm",)),
+    case("score-input-missing", "score --model {w}/rm --input {w}/nope.jsonl", "is not a file",
+         ("rm",)),
+    case("score-output-missing-dir", "score --model {w}/rm --input {w}/pairs.jsonl --output "
+         "{w}/nowhere/scores.jsonl", "does not exist", ("rm",)),
 ]
 # fmt: on
 
@@ -188,6 +200,15 @@ def _build_world(w: Path, corpus: Path) -> None:
     shutil.copytree(w / "hf", w / "hf_truncated")
     weights = w / "hf_truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    reward_run_from(w / "run", w / "rm")  # a reward model started from the run (not trained)
+    pair = {"prompt": "To be", "chosen": "or not", "rejected": "to be"}
+    for name, lines in [
+        ("pairs", [pair]),
+        ("pairs_missing", [pair, {"prompt": "To be", "chosen": "or not"}]),
+        ("pairs_euro", [{**pair, "chosen": "or \u20ac"}]),
+    ]:
+        (w / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
     shutil.copy(corpus, w / "corpus.txt")
     (w / "latin1.txt").write_bytes("Romeo\n caf\u00e9\n".encode("latin-1"))  # é at byte 10

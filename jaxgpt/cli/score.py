@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxgpt import atomic, chat, jsonl, preferences, reward_model
-from jaxgpt.errors import ChatFormatError, InputError, JaxgptError
+from jaxgpt.errors import ChatFormatError, InputError, JaxgptError, TokenizerError
 
 CONVERSATION_KEYS = ("messages", "response", "output")  # the chat-data line forms
 
@@ -92,6 +92,11 @@ def render(lines: list[tuple[str, dict, Any]], tokenizer) -> list[list[int]]:
         )
         try:
             sequences += [reward_model.render_answer(m, tokenizer) for m in sides]
+        except TokenizerError as err:
+            raise TokenizerError(
+                f"{where}: the reward model's {tokenizer.name} tokenizer cannot encode this line "
+                f"({err}); score text of the kind the reward model was trained on"
+            ) from err
         except JaxgptError as err:
             raise type(err)(f"{where}: {err}") from err
     return sequences
