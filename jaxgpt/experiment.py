@@ -1,7 +1,7 @@
 """Experiment configs: what one training run is, as frozen dataclasses.
 
 An experiment is a Python file `experiments/NAME.py` that defines `EXPERIMENT = Experiment(...)`.
-It has six sections, each a frozen dataclass:
+It has these sections, each a frozen dataclass:
 
     model       shape of the GPT (or where to initialise it from) and its dropout / compute dtype
     data        which corpus, how it is tokenised and split, the batch size
@@ -9,6 +9,8 @@ It has six sections, each a frozen dataclass:
     schedule    number of steps, linear warmup, cosine decay to a floor
     eval        how often and on how many batches train/val loss is measured
     checkpoint  how often to save and how many checkpoints to keep
+    parallel    how the step is laid out on devices
+    dpo         direct preference optimisation (runs on preference data): β and the reference
 
 Any field can be overridden on the command line with `--set section.field=value`; values are
 parsed and type-checked against the field's type, and an unknown key suggests the nearest valid one.
@@ -145,6 +147,27 @@ class ParallelSection:
     mesh: str = ""
 
 
+REFERENCE_LOGPROBS = ("precomputed", "on_the_fly")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    """Direct preference optimisation, the objective of `data.format = "preference"` runs.
+
+    Attributes:
+      beta: β of the DPO loss `-log σ(β[(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))])`;
+        larger keeps the policy closer to the reference.
+      reference: run directory of the frozen reference model; "" = `model.init` (the SFT run the
+        policy starts from).
+      reference_logprobs: "precomputed" (every training pair scored once when the run starts) or
+        "on_the_fly" (each batch scored as it is drawn: no table, one more forward per step).
+    """
+
+    beta: float = 0.1
+    reference: str = ""
+    reference_logprobs: str = "precomputed"
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str = "experiment"
@@ -155,6 +178,7 @@ class Experiment:
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     parallel: ParallelSection = ParallelSection()
+    dpo: DPOSection = DPOSection()
 
     def __post_init__(self) -> None:
         validate(self)
@@ -265,6 +289,14 @@ def validate(exp: Experiment) -> None:
     if exp.data.errors not in ENCODING_ERRORS:
         raise ConfigError(f"data.errors must be one of {ENCODING_ERRORS}, got {exp.data.errors!r}")
     _validate_eval_sampling(exp.eval)
+    beta = exp.dpo.beta
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
+        raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta!r}")
+    if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:
+        raise ConfigError(
+            f"dpo.reference_logprobs must be one of {REFERENCE_LOGPROBS}, got "
+            f"{exp.dpo.reference_logprobs!r}"
+        )
 
 
 def _validate_eval_sampling(ev: EvalSection) -> None:

@@ -3,23 +3,29 @@
 An objective is a pure function
 
     objective(params, batch, config, key) -> (loss, weight)
+                                          or (loss, (weight, {name: scalar metric}))
 
 `batch` is one micro-batch as the stage's data source makes it (an int32 `[B, T+1]` array of
 token windows for pretraining; a dict of packed `[B, T+1]` arrays for SFT, see
-`jaxgpt.packing`); `key` is the dropout key (None: no dropout); `loss` is the mean over the
-`weight` predictions the batch trains (a float32 scalar). The train step
-(`jaxgpt.train.make_train_step`) weighs micro-batches by `weight`, so gradient accumulation gives
-the mean over every trained token of the whole step, however they fall into micro-batches.
+`jaxgpt.packing`; a dict of preference pairs for DPO, see `jaxgpt.preferences`); `key` is the
+dropout key (None: no dropout); `loss` is the mean over the `weight` predictions (or pairs) the
+batch trains (a float32 scalar). The train step (`jaxgpt.train.make_train_step`) weighs
+micro-batches by `weight`, so gradient accumulation gives the mean over every trained token of the
+whole step, however they fall into micro-batches. An objective may also return scalar metrics
+(`split_aux`); the loop averages them the same way and logs them beside the loss.
 
     next_token   pretraining: every next token of every window
     sft          supervised fine-tuning: only the tokens the assistant says (the chat mask),
                  on conversations packed into rows without attending across them
+    dpo          direct preference optimisation on chosen/rejected answers, against the
+                 reference log-probabilities the batch carries (`dpo_loss`)
     reward       a reward model (`GPTConfig.head == "reward"`) on preference pairs: the
                  Bradley–Terry loss of the scores of the chosen and the rejected answer
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +36,7 @@ import optax
 from jaxgpt import heads
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import ConfigError
+from jaxgpt.eval import logprobs
 from jaxgpt.model import forward
 from jaxgpt.packing import loss_weights
 from jaxgpt.params import Params
@@ -107,13 +114,64 @@ def masked_next_token_loss(
     return total / jnp.maximum(count, 1).astype(jnp.float32), count
 
 
-OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft}
+def dpo(
+    params: Params,
+    batch: dict[str, jax.Array],
+    config: GPTConfig,
+    key: jax.Array | None,
+    *,
+    beta: float = 0.1,
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """DPO on a batch of preference pairs: `dpo_loss` of the sequence log-probabilities.
+
+    `batch` holds `chosen`, `rejected` (int32 `[B, T+1]` conversations), their `*_mask` (1 on
+    the final answer's tokens) and `*_reference` (float32 `[B, T+1]`, the frozen reference
+    model's log-probability of each token; see `jaxgpt.batches.preference_source`). A sequence
+    log-probability is the sum over the answer's tokens, `t` with `mask[t] = 1`, of
+    `log p(token t | tokens before it)`. Both sides go through the model as one `[2B, T]` batch.
+    DPO runs without dropout (`key` is ignored), so that the policy's log-probabilities are
+    computed as the reference's were. Returns (mean loss over the B pairs, (B, metrics)).
+    """
+    del key
+    B = batch["chosen"].shape[0]
+    tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    weights_2BT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])[:, 1:] > 0
+    reference_2BT = jnp.concatenate([batch["chosen_reference"], batch["rejected_reference"]])
+    policy_2B = jnp.where(weights_2BT, logprobs(params, config, tokens_2BT1), 0.0).sum(-1)
+    ref_2B = jnp.where(weights_2BT, reference_2BT[:, 1:], 0.0).sum(-1)
+    loss, metrics = dpo_loss(policy_2B[:B], policy_2B[B:], ref_2B[:B], ref_2B[B:], beta)
+    # Mean of log π - log π_ref over the chosen answers: how far the policy has moved from the
+    # reference on them (its expectation under π would be the KL).
+    metrics["logratio_chosen"] = (policy_2B[:B] - ref_2B[:B]).mean()
+    return loss, (jnp.float32(B), metrics)
 
 
-def get_objective(name: str) -> Objective:
+OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft, "dpo": dpo}
+
+
+def get_objective(name: str, *, beta: float | None = None) -> Objective:
+    """The objective registered as `name`; for "dpo", with `beta` (default 0.1) bound.
+
+    The same settings give the same function object, so the compiled step is reused.
+    """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
+    if name == "dpo" and beta is not None:
+        return _dpo_with(float(beta))
     return OBJECTIVES[name]
+
+
+@functools.cache
+def _dpo_with(beta: float) -> Objective:
+    return functools.partial(dpo, beta=beta)
+
+
+def split_aux(aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """An objective's second output as (weight, metrics): a bare weight has no metrics."""
+    if isinstance(aux, tuple):
+        weight, metrics = aux
+        return weight, dict(metrics)
+    return aux, {}
 
 
 # --------------------------------------------------------------------------- preference losses

@@ -39,7 +39,7 @@ from jaxgpt import atomic, batches, checkpoint, data, flops, heads, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
-from jaxgpt.objectives import Objective, get_objective, next_token
+from jaxgpt.objectives import Objective, get_objective, next_token, split_aux
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, grow_vocab, init_params
 from jaxgpt.tokenizer import CharTokenizer, Tokenizer
@@ -89,32 +89,42 @@ def make_train_step(
         step_key = jax.random.fold_in(key, state.step)
         A = jax.tree.leaves(batch_A)[0].shape[0]
 
-        def micro(i: jax.Array, batch: Any) -> tuple[tuple[jax.Array, jax.Array], Params]:
+        def micro(i: jax.Array, batch: Any):
             k = jax.random.fold_in(step_key, i) if use_dropout else None
-            return grad_fn(state.params, batch, config, k)
+            (loss, aux), grads = grad_fn(state.params, batch, config, k)
+            return (loss, *split_aux(aux)), grads
 
         if A == 1:
-            (loss, weight), grads = micro(jnp.int32(0), jax.tree.map(lambda x: x[0], batch_A))
+            (loss, weight, extra), grads = micro(
+                jnp.int32(0), jax.tree.map(lambda x: x[0], batch_A)
+            )
         else:
-            # Micro-batches weighted by how many predictions each trains: the step's loss and
-            # gradient are the mean over all of them, however they fall into micro-batches.
+            # Micro-batches weighted by how many predictions each trains: the step's loss, its
+            # metrics and its gradient are the mean over all of them, however they fall into
+            # micro-batches.
             def body(carry, xs):
-                loss_sum, weight_sum, grad_sum = carry
-                (loss, weight), grads = micro(*xs)
+                loss_sum, weight_sum, extra_sum, grad_sum = carry
+                (loss, weight, extra), grads = micro(*xs)
                 grad_sum = jax.tree.map(lambda acc, g: acc + weight * g, grad_sum, grads)
-                return (loss_sum + weight * loss, weight_sum + weight, grad_sum), None
+                extra_sum = jax.tree.map(lambda acc, m: acc + weight * m, extra_sum, extra)
+                return (loss_sum + weight * loss, weight_sum + weight, extra_sum, grad_sum), None
 
+            first = jax.tree.map(lambda x: x[0], batch_A)
+            extra_shape = jax.eval_shape(lambda b: micro(jnp.int32(0), b)[0][2], first)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (jnp.float32(0), jnp.float32(0), zeros)
-            (loss, weight, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), batch_A))
+            extra0 = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), extra_shape)
+            init = (jnp.float32(0), jnp.float32(0), extra0, zeros)
+            (loss, weight, extra, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), batch_A))
             scale = 1.0 / jnp.maximum(weight, 1.0)
             loss, grads = loss * scale, jax.tree.map(lambda g: g * scale, grads)
+            extra = jax.tree.map(lambda m: m * scale, extra)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "trained_tokens": weight}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "trained_tokens": weight}
+        return new_state, {**extra, **metrics}
 
     return train_step
 
@@ -126,8 +136,14 @@ def jit_train_step(train_step, **jit_kwargs):
 
 @functools.lru_cache(maxsize=8)
 def make_eval_loss(config: GPTConfig, objective: Objective = next_token):
-    """Jitted `eval_loss(params, batch) -> (mean loss, weight)` of the objective (no dropout)."""
-    return jax.jit(lambda params, batch: objective(params, batch, config, None))
+    """Jitted `eval_loss(params, batch) -> (mean loss, weight, metrics)` of the objective
+    (no dropout)."""
+
+    def eval_loss(params: Params, batch: Any):
+        loss, aux = objective(params, batch, config, None)
+        return (loss, *split_aux(aux))
+
+    return jax.jit(eval_loss)
 
 
 @functools.lru_cache(maxsize=8)
@@ -477,9 +493,16 @@ def run(
     data_dir = sharding.main_first(lambda: ensure_data(exp, data_root, progress=progress))
     meta = data.load_meta(data_dir)
     T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
-    source = batches.make_source(data_dir, B, T, A, exp.data.seed)
-    objective = get_objective(source.objective)
     tokenizer = batches.tokenizer_of(meta)
+    options, reference = {}, None
+    if meta.get("format") == "preference":  # DPO: the frozen reference model's log-probs
+        from jaxgpt import dpo
+
+        reference = dpo.load_reference(exp, tokenizer)
+        options = dpo.source_options(exp, reference, progress=progress)
+    source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
+    objective = get_objective(source.objective, beta=exp.dpo.beta)
+    arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     if sample and exp.eval.sample_tokens > 0:
         sample_prompt_ids(tokenizer, exp)  # fail now, not after the whole run
 
@@ -574,10 +597,13 @@ def run(
         settled = sharding.settled  # one program at a time where collectives need it
         out = {}
         for split, fixed in eval_batches.items():
-            scored_N = [settled(eval_loss(params, b)) for b in fixed]
-            loss_N, weight_N = np.asarray(jax.device_get(scored_N)).T
-            out[f"{split}_loss"] = float((loss_N * weight_N).sum() / max(weight_N.sum(), 1.0))
-        if exp.data.source == "arithmetic" and jax.process_count() == 1:
+            scored_N = jax.device_get([settled(eval_loss(params, b)) for b in fixed])
+            weight_N = np.array([w for _, w, _ in scored_N], np.float64)
+            total = max(weight_N.sum(), 1.0)
+            out[f"{split}_loss"] = float(sum(w * loss for loss, w, _ in scored_N) / total)
+            for name in scored_N[0][2]:  # the objective's own metrics, e.g. DPO's reward accuracy
+                out[f"{split}_{name}"] = float(sum(w * m[name] for _, w, m in scored_N) / total)
+        if arithmetic_task and jax.process_count() == 1:
             from jaxgpt import arithmetic
 
             scored = arithmetic.evaluate_model(params, config, tokenizer, n=HELD_OUT_EVAL)
@@ -632,12 +658,14 @@ def run(
             mfu = tok_s * flops_per_token / peak
         last_loss = float(np.mean([m["loss"] for m in fetched]))
         s = pending[-1][0]
+        extra = {k: float(np.mean([m[k] for m in fetched])) for k in sorted(fetched[-1])
+                 if k not in ("loss", "grad_norm", "trained_tokens")}  # fmt: skip
         log({
             "kind": "train", "step": s, "loss": last_loss,
             "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(schedule(s - 1)),
             "trained_tokens": int(fetched[-1]["trained_tokens"]),
             "tokens": s * exp.tokens_per_step, "elapsed_s": round(elapsed(), 3),
-            "tok_per_s": tok_s, "mfu": mfu,
+            "tok_per_s": tok_s, "mfu": mfu, **extra,
         })  # fmt: skip
         pending, t_window, window_steps, window_compiles = [], now, 0, False
 
@@ -706,7 +734,7 @@ def run(
     if interrupted:
         return result
     sample = sample and exp.eval.sample_tokens > 0
-    chat = exp.data.format == "chat"
+    chat = exp.data.format in ("chat", "preference")
     # Every process takes part in gathering the sharded weights; only process 0 samples and plots.
     params = sharding.gather_to_host(state.params) if sample or chat else None
     if not main:
@@ -715,7 +743,10 @@ def run(
 
     plot_run(run_dir)
     if chat:
-        result.report = write_report(run_dir, exp, result, params, config, tokenizer)
+        result.report = write_report(
+            run_dir, exp, result, params, config, tokenizer, arithmetic_task=arithmetic_task,
+            reference=reference, last_eval=last_eval,
+        )  # fmt: skip
     if sample:
         make_sample = chat_sample if chat else end_of_training_sample
         result.sample = make_sample(params, config, tokenizer, exp)
@@ -724,16 +755,30 @@ def run(
 
 def write_report(
     run_dir: Path, exp: Experiment, result: RunResult, params: Params, config: GPTConfig,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer, *, arithmetic_task: bool | None = None, reference: Any = None,
+    last_eval: dict | None = None,
 ) -> dict:  # fmt: skip
-    """The stage's figures in `run_dir/report.json`: losses, wall time and, for the arithmetic
-    demo, the greedy exact-match accuracy on 500 held-out problems (A ≡ B mod 7)."""
+    """The stage's figures in `run_dir/report.json`: the stage ("sft", or "dpo" on preference
+    data), losses, wall time and, for the arithmetic demo, the greedy exact-match accuracy on 500
+    held-out problems (A ≡ B mod 7). A DPO stage adds the reward accuracy and margin on the val
+    pairs and, for the demo, the mean KL to the reference on answers to held-out prompts
+    (`jaxgpt.dpo.stage_figures`)."""
+    if arithmetic_task is None:
+        arithmetic_task = exp.data.source == "arithmetic"
+    stage = "dpo" if exp.data.format == "preference" else "sft"
     report = {
-        "stage": "sft", "experiment": exp.name, "steps": result.step,
+        "stage": stage, "experiment": exp.name, "steps": result.step,
         "train_wall_s": round(result.wall_s, 1), "val_loss": result.val_loss,
         "train_loss": result.train_loss,
     }  # fmt: skip
-    if exp.data.source == "arithmetic":
+    if stage == "dpo":
+        from jaxgpt import dpo
+
+        report["dpo"] = dpo.stage_figures(
+            exp, params, config, tokenizer, reference, last_eval or {},
+            arithmetic_task=arithmetic_task,
+        )  # fmt: skip
+    if arithmetic_task:
         from jaxgpt import arithmetic
 
         t0 = time.perf_counter()
