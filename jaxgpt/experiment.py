@@ -271,6 +271,11 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {exp.data.val_fraction!r}")
     if exp.data.format not in DATA_FORMATS:
         raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {exp.data.format!r}")
+    if exp.model.head == "reward" and exp.data.format != "preference":
+        raise ConfigError(
+            f"model.head='reward' trains a reward model on preference pairs "
+            f"(data.format='preference'), but data.format is {exp.data.format!r}"
+        )
     if exp.data.tokenizer not in ("char", "gpt2"):
         raise ConfigError(f"data.tokenizer must be 'char' or 'gpt2', got {exp.data.tokenizer!r}")
     if exp.optim.lr <= 0:

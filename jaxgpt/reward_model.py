@@ -198,6 +198,64 @@ def check_fits(longest: int, block_size: int, where: str) -> None:
         )
 
 
+def check_prepared_fits(data_dir: Any, block_size: int) -> None:
+    """`check_fits` for both splits of a prepared preference directory."""
+    from jaxgpt import preferences
+
+    for split in preferences.SPLITS:
+        pairs = preferences.load_pairs(data_dir, split)
+        check_fits(pairs.longest(), block_size, f"{data_dir} ({split})")
+
+
+def prepared_sequences(pairs: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(chosen, rejected) token ids of every pair of a prepared split
+    (`jaxgpt.preferences.Pairs`); each ends with its answer's `<|end|>`."""
+    return tuple(
+        [side.doc(i)[0] for i in range(pairs.count)] for side in (pairs.chosen, pairs.rejected)
+    )
+
+
+def evaluate_pairs(
+    params: Params, config: GPTConfig, chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]], *, batch_size: int = 64,
+) -> dict[str, float]:  # fmt: skip
+    """Pairwise accuracy (± standard error), mean margin and count of scored pairs."""
+    scores = score_ids(params, config, [*chosen, *rejected], batch_size=batch_size)
+    chosen_N, rejected_N = scores[: len(chosen)], scores[len(chosen) :]
+    acc, se = pairwise_accuracy(chosen_N, rejected_N)
+    margin = float(np.mean(chosen_N - rejected_N))
+    return {"accuracy": acc, "stderr": se, "margin": margin, "n": len(chosen)}
+
+
+def stage_figures(
+    exp: Any,
+    params: Params,
+    config: GPTConfig,
+    tokenizer: Tokenizer,
+    data_dir: Any,
+    last_eval: dict[str, float],
+    *,
+    arithmetic_task: bool,
+) -> dict[str, Any]:
+    """The reward-model part of report.json: pairwise accuracy on every val pair, each scored
+    once (their prompts are never trained on: the split is by prompt), and for the arithmetic
+    demo on pairs of held-out problems made for this evaluation only (`held_out_pairs`)."""
+    import time
+
+    from jaxgpt import preferences
+
+    t0 = time.perf_counter()
+    val = evaluate_pairs(
+        params, config, *prepared_sequences(preferences.load_pairs(data_dir, "val"))
+    )
+    figures: dict[str, Any] = {
+        "init": exp.model.init,
+        "val_pairs": {**val, "eval_wall_s": round(time.perf_counter() - t0, 1)},
+        "val_reward_accuracy_last_eval": last_eval.get("val_reward_accuracy"),
+    }
+    return figures
+
+
 def load_reward_model(spec: str, **overrides: Any):
     """A reward model from a run directory (or Hugging Face directory) as
     `jaxgpt.cli.common.LoadedModel`; a language model or PPO policy is refused in one line."""

@@ -495,14 +495,22 @@ def run(
     T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
     tokenizer = batches.tokenizer_of(meta)
     options, reference = {}, None
-    if meta.get("format") == "preference":  # DPO: the frozen reference model's log-probs
+    # Preference pairs train a reward model (model.head = "reward") or, with DPO, a policy.
+    reward_stage = meta.get("format") == "preference" and exp.model.head == "reward"
+    if reward_stage:
+        from jaxgpt import reward_model
+
+        reward_model.check_prepared_fits(data_dir, T)
+    elif meta.get("format") == "preference":  # DPO: the frozen reference model's log-probs
         from jaxgpt import dpo
 
         reference = dpo.load_reference(exp, tokenizer)
         options = dpo.source_options(exp, reference, progress=progress)
     source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
-    objective = get_objective(source.objective, beta=exp.dpo.beta)
+    objective_name = "reward" if reward_stage else source.objective
+    objective = get_objective(objective_name, beta=exp.dpo.beta)
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
+    sample = sample and exp.model.head != "reward"  # a reward model writes no text
     if sample and exp.eval.sample_tokens > 0:
         sample_prompt_ids(tokenizer, exp)  # fail now, not after the whole run
 
@@ -603,7 +611,7 @@ def run(
             out[f"{split}_loss"] = float(sum(w * loss for loss, w, _ in scored_N) / total)
             for name in scored_N[0][2]:  # the objective's own metrics, e.g. DPO's reward accuracy
                 out[f"{split}_{name}"] = float(sum(w * m[name] for _, w, m in scored_N) / total)
-        if arithmetic_task and jax.process_count() == 1:
+        if arithmetic_task and exp.model.head != "reward" and jax.process_count() == 1:
             from jaxgpt import arithmetic
 
             scored = arithmetic.evaluate_model(params, config, tokenizer, n=HELD_OUT_EVAL)
@@ -745,7 +753,7 @@ def run(
     if chat:
         result.report = write_report(
             run_dir, exp, result, params, config, tokenizer, arithmetic_task=arithmetic_task,
-            reference=reference, last_eval=last_eval,
+            reference=reference, last_eval=last_eval, data_dir=data_dir,
         )  # fmt: skip
     if sample:
         make_sample = chat_sample if chat else end_of_training_sample
@@ -756,16 +764,19 @@ def run(
 def write_report(
     run_dir: Path, exp: Experiment, result: RunResult, params: Params, config: GPTConfig,
     tokenizer: Tokenizer, *, arithmetic_task: bool | None = None, reference: Any = None,
-    last_eval: dict | None = None,
+    last_eval: dict | None = None, data_dir: Path | None = None,
 ) -> dict:  # fmt: skip
-    """The stage's figures in `run_dir/report.json`: the stage ("sft", or "dpo" on preference
-    data), losses, wall time and, for the arithmetic demo, the greedy exact-match accuracy on 500
-    held-out problems (A ≡ B mod 7). A DPO stage adds the reward accuracy and margin on the val
-    pairs and, for the demo, the mean KL to the reference on answers to held-out prompts
-    (`jaxgpt.dpo.stage_figures`)."""
+    """The stage's figures in `run_dir/report.json`: the stage ("sft", or "dpo" / "reward" on
+    preference data), losses, wall time and, for the arithmetic demo, the greedy exact-match
+    accuracy on 500 held-out problems (A ≡ B mod 7). A DPO stage adds the reward accuracy and
+    margin on the val pairs and, for the demo, the mean KL to the reference on answers to held-out
+    prompts (`jaxgpt.dpo.stage_figures`); a reward model, its pairwise accuracy on every val pair
+    and, for the demo, on pairs of held-out problems (`jaxgpt.reward_model.stage_figures`)."""
     if arithmetic_task is None:
         arithmetic_task = exp.data.source == "arithmetic"
-    stage = "dpo" if exp.data.format == "preference" else "sft"
+    stage = "sft"
+    if exp.data.format == "preference":
+        stage = "reward" if config.head == "reward" else "dpo"
     report = {
         "stage": stage, "experiment": exp.name, "steps": result.step,
         "train_wall_s": round(result.wall_s, 1), "val_loss": result.val_loss,
@@ -778,6 +789,14 @@ def write_report(
             exp, params, config, tokenizer, reference, last_eval or {},
             arithmetic_task=arithmetic_task,
         )  # fmt: skip
+    if stage == "reward":
+        from jaxgpt import reward_model
+
+        report["reward"] = reward_model.stage_figures(
+            exp, params, config, tokenizer, data_dir, last_eval or {},
+            arithmetic_task=arithmetic_task,
+        )  # fmt: skip
+        arithmetic_task = False  # a reward model answers no problems
     if arithmetic_task:
         from jaxgpt import arithmetic
 

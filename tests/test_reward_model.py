@@ -148,3 +148,130 @@ def test_score_refuses_what_it_cannot_read(prepared):
     with pytest.raises(InputError, match="another table"):
         reward_model.check_tokenizer(tok, other, "the rollouts")
     reward_model.check_tokenizer(tok, tok, "the rollouts")  # the same table passes
+
+
+# --------------------------------------------------------------------------- a reward-model run
+
+RM_EXPERIMENT = """
+from jaxgpt.experiment import *
+
+EXPERIMENT = Experiment(
+    name="tiny_rm",
+    model=ModelSection(n_layer=2, n_head=2, n_embd=32, block_size=48, head="reward"),
+    data=DataSection(dataset="tiny_pairs", format="preference", source={source!r},
+                     tokenizer="char", batch_size=8, val_fraction=0.25),
+    optim=OptimSection(lr=3e-3, weight_decay=0.0),
+    schedule=ScheduleSection(max_steps=30, warmup_steps=2),
+    eval=EvalSection(interval=15, batches=4, log_interval=1, sample_tokens=0),
+    checkpoint=CheckpointSection(interval=15, keep=2),
+)
+"""
+
+
+@pytest.fixture(scope="module")
+def rm_world(tmp_path_factory):
+    """(root, experiment file, the finished 30-step run) on 96 polite/shouting pairs."""
+    from jaxgpt.experiment import load_experiment
+    from jaxgpt.train import run
+
+    root = tmp_path_factory.mktemp("rm")
+    pairs = polite_pairs(root / "pairs.jsonl", n=96, seed=1)
+    (root / "rm.py").write_text(RM_EXPERIMENT.format(source=str(pairs)))
+    exp = load_experiment(str(root / "rm.py"))
+    result = run(exp, run_dir=root / "rm", data_root=root / "data", progress=False)
+    return root, exp, result
+
+
+def _rows(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / checkpoint.METRICS_FILE).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_a_short_reward_model_run_learns_the_preferences(rm_world):
+    _, _, result = rm_world
+    train = _rows(result.run_dir, "train")
+    assert {"reward_accuracy", "reward_margin"} <= train[0].keys()
+    assert train[0]["loss"] == pytest.approx(np.log(2), abs=0.15)  # a fresh head: scores ~0
+    assert np.mean([r["loss"] for r in train[-5:]]) < 0.2
+    evals = _rows(result.run_dir, "eval")
+    assert evals[-1]["val_reward_accuracy"] > 0.95 and evals[-1]["val_reward_margin"] > 1.0
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["stage"] == "reward" and "held_out" not in report
+    val = report["reward"]["val_pairs"]
+    assert val["n"] >= 10 and val["accuracy"] > 0.95 and val["margin"] > 1.0
+    assert result.sample is None  # a reward model writes no text
+
+
+def test_score_cli_equals_sequence_scores(rm_world, tmp_path, capsys):
+    from jaxgpt.cli import main
+    from jaxgpt.preferences import Preference
+
+    _, _, result = rm_world
+    lines = [
+        {"prompt": "Say maple7.", "chosen": "please, maple7!", "rejected": "maple7?!"},
+        {"prompt": "Say ocean5.", "chosen": "ocean5?!", "rejected": "please, ocean5!"},
+        {"messages": [{"role": "user", "content": "Say cedar1."},
+                      {"role": "assistant", "content": "please, cedar1!"}]},
+    ]  # fmt: skip
+    source, out = _write(tmp_path / "in.jsonl", lines), tmp_path / "scores.jsonl"
+    argv = ["--model", str(result.run_dir), "--input", str(source), "--output", str(out)]
+    assert main(["score", *argv, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 pairs: pairwise accuracy 0.5000" in printed and "1 answers" in printed
+    scored = [json.loads(x) for x in out.read_text().splitlines()]
+    assert scored[0]["chosen_wins"] and not scored[1]["chosen_wins"]
+    config, params, tok, _ = checkpoint.load_run_for_inference(result.run_dir)
+
+    def direct(messages):
+        ids, _ = chat.render_conversation(messages, tok)
+        last = np.array([len(ids) - 1])
+        return float(heads.sequence_scores(params, np.array([ids]), last, config)[0])
+
+    for line, row in zip(lines[:2], scored):
+        pref = Preference(({"role": "user", "content": line["prompt"]},), line["chosen"],
+                          line["rejected"])  # fmt: skip
+        assert row["chosen_score"] == pytest.approx(direct(pref.conversation("chosen")), abs=1e-5)
+        assert row["rejected_score"] == pytest.approx(
+            direct(pref.conversation("rejected")), abs=1e-5
+        )
+        assert row["margin"] == pytest.approx(row["chosen_score"] - row["rejected_score"])
+    assert scored[2]["score"] == pytest.approx(direct(lines[2]["messages"]), abs=1e-5)
+    assert scored[2]["messages"] == lines[2]["messages"]  # the input line is kept
+
+
+def test_reward_model_run_resumes_exactly(rm_world, tmp_path):
+    import shutil
+
+    from jaxgpt.experiment import apply_overrides
+    from jaxgpt.train import run
+
+    root, exp, _ = rm_world
+    exp = apply_overrides(exp, ["schedule.max_steps=8", "checkpoint.interval=4",
+                                "eval.interval=4", "optim.grad_accum=2"])  # fmt: skip
+    straight = run(exp, run_dir=tmp_path / "a", data_root=root / "data", progress=False)
+    resumed = tmp_path / "b"
+    shutil.copytree(straight.run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "8")
+    run(exp, run_dir=resumed, data_root=root / "data", progress=False)
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"], r["reward_accuracy"]) for r in _rows(run_dir, "train")]
+
+    assert losses(resumed) == losses(straight.run_dir) and len(losses(resumed)) == 8
+    a, b = (checkpoint.load_run_for_inference(d)[1] for d in (straight.run_dir, resumed))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_reward_model_setups_are_refused_before_any_work(rm_world, tmp_path):
+    from jaxgpt.errors import ConfigError
+    from jaxgpt.experiment import apply_overrides
+    from jaxgpt.train import run
+
+    root, exp, _ = rm_world
+    with pytest.raises(InputError, match="reads at most 24"):
+        run(apply_overrides(exp, ["model.block_size=24"]), run_dir=tmp_path / "r1",
+            data_root=root / "data", progress=False)  # fmt: skip
+    assert not (tmp_path / "r1" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="model.head='reward' trains a reward model"):
+        apply_overrides(exp, ["data.format=chat"])
