@@ -101,6 +101,11 @@ CASES = [
     case("chat-no-chat-tokens", "chat --model {w}/run --prompt hi", "no chat tokens", RUN),
     case("chat-input-missing", "chat --model {w}/run --input {w}/nope.jsonl --output "
          "{w}/answers.jsonl", "is not a file", RUN),
+    # pairs
+    case("pairs-no-chat-tokens", "pairs --model {w}/run --out {w}/pairs.jsonl --n-prompts 2",
+         "no chat tokens", RUN),
+    case("pairs-samples-1", "pairs --model {w}/run --out {w}/pairs.jsonl --samples 1",
+         "--samples must be at least 2"),
     # explore
     case("explore-missing-model", "explore --model {w}/nowhere", "does not exist"),
     # launch

@@ -230,3 +230,63 @@ def test_bad_dpo_setups_are_refused_before_any_work(world, tmp_path):
     assert not (tmp_path / "r3" / "checkpoints").exists()
     with pytest.raises(ConfigError, match="dpo.beta"):
         apply_overrides(exp, ["dpo.beta=0"])
+
+
+# --------------------------------------------------------------------------- jaxgpt pairs
+
+
+def _answer(text, score, finished=True):
+    from jaxgpt.pairing import Answer
+
+    return Answer(text, score, finished)
+
+
+def test_pairing_rule_worked_examples():
+    from jaxgpt.pairing import pair_answers
+
+    ok, ok2, bad, worse = (_answer("so 5", 1.0), _answer("=5 so 5", 1.0), _answer("so 6", 0.0),
+                           _answer("so 60", -1.0))  # fmt: skip
+    # All the same score (all right, or all wrong): a tie, no pair.
+    assert pair_answers([ok, ok2, ok], 2) == []
+    assert pair_answers([bad, _answer("so 7", 0.0)], 2) == []
+    # Mixed: best answers paired with lower ones, worst first; no answer twice; at most K.
+    assert pair_answers([ok, bad, ok2, worse], 2) == [(ok, worse), (ok2, bad)]
+    assert pair_answers([ok, bad, ok2, worse], 1) == [(ok, worse)]
+    assert pair_answers([ok, ok, bad, bad], 2) == [(ok, bad)]  # duplicates count once
+    # An answer cut off by the token limit is never chosen, whatever it scores.
+    cut = _answer("so 5 and", 1.0, finished=False)
+    assert pair_answers([cut, bad], 2) == [(bad, cut)]
+
+
+def test_arithmetic_prompts_are_seeded_and_never_held_out():
+    from jaxgpt.pairing import arithmetic_prompts, check_prompts
+
+    prompts = arithmetic_prompts(300, seed=4)
+    assert prompts == arithmetic_prompts(300, seed=4) != arithmetic_prompts(300, seed=5)
+    check_prompts(prompts, "arithmetic")
+    for p in prompts:
+        assert not arithmetic.is_held_out(*arithmetic.operands(p[0]["content"]))
+    with pytest.raises(Exception, match="prompt 2: .*held-out problem 14 \\+ 7"):
+        check_prompts([prompts[0], [{"role": "user", "content": "What is 14 + 7?"}]],
+                      "arithmetic")  # fmt: skip
+
+
+def test_pairs_command_samples_scores_and_writes_preferences(world, tmp_path, monkeypatch, capsys):
+    """With a scorer that prefers longer answers (the tiny model rarely adds right), the
+    written pairs follow the rule, read back as preference data, and depend only on the seed."""
+    from jaxgpt import pairing
+    from jaxgpt.cli import main
+    from jaxgpt.preferences import read_preferences
+
+    monkeypatch.setitem(pairing.SCORERS, "length", lambda prompt, reply: float(len(reply)))
+    argv = ["pairs", "--model", str(world / "sft"), "--n-prompts", "12", "--samples", "3",
+            "--scorer", "length", "--max-new-tokens", "30", "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a.jsonl")]) == 0
+    out = capsys.readouterr().out
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert f"wrote {len(lines)} pairs" in out and "of 12 prompts gave pairs" in out
+    assert lines and all(len(x["chosen"]) > len(x["rejected"]) or x["scores"][1] is None
+                         for x in lines)  # fmt: skip
+    assert len(read_preferences(tmp_path / "a.jsonl")) == len(lines)
+    assert main([*argv, "--out", str(tmp_path / "b.jsonl")]) == 0
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
