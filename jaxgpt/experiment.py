@@ -1,7 +1,7 @@
 """Experiment configs: what one training run is, as frozen dataclasses.
 
 An experiment is a Python file `experiments/NAME.py` that defines `EXPERIMENT = Experiment(...)`.
-It has eight sections, each a frozen dataclass:
+It has these sections, each a frozen dataclass:
 
     model       shape of the GPT (or where to initialise it from) and its dropout / compute dtype
     data        which corpus, how it is tokenised and split, the batch size
@@ -10,6 +10,7 @@ It has eight sections, each a frozen dataclass:
     eval        how often and on how many batches train/val loss is measured
     checkpoint  how often to save and how many checkpoints to keep
     parallel    how the step is laid out on devices
+    dpo         direct preference optimisation (runs on preference data): β and the reference
     rl          the PPO stage (RLHF): reference policy, reward, KL penalty, the clipped update
 
 Any field can be overridden on the command line with `--set section.field=value`; values are
@@ -32,6 +33,8 @@ from jaxgpt.config import ATTENTION_BACKENDS, HEADS, GPTConfig
 from jaxgpt.data import ENCODING_ERRORS
 from jaxgpt.errors import ConfigError
 from jaxgpt.sharding import parse_mesh
+
+DATA_FORMATS = ("text", "chat", "preference", "prompts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +65,11 @@ class DataSection:
 
     Attributes:
       dataset: name of the prepared data directory, `<data_dir>/<dataset>`.
-      format: "text" (a corpus, trained on every next token) or "chat" (conversations in .jsonl,
-        packed into rows and trained only on what the assistant says; see docs/chat.md).
+      format: "text" (a corpus, trained on every next token), "chat" (conversations in .jsonl,
+        packed into rows and trained only on what the assistant says; see docs/chat.md) or
+        "preference" (prompts with a chosen and a rejected answer, `jaxgpt.preferences`; for
+        DPO, whose reference model is `model.init`) or "prompts" (PPO: prompts of the
+        arithmetic demo answered by the policy itself, `jaxgpt.rlhf`; see the rl section).
       source: "shakespeare" (the bundled plays), a .txt file, or a directory of .txt files.
       tokenizer: "char" (vocabulary = the corpus' characters) or "gpt2" (BPE).
       val_fraction: share of the corpus held out for validation.
@@ -143,6 +149,27 @@ class ParallelSection:
     mesh: str = ""
 
 
+REFERENCE_LOGPROBS = ("precomputed", "on_the_fly")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    """Direct preference optimisation, the objective of `data.format = "preference"` runs.
+
+    Attributes:
+      beta: β of the DPO loss `-log σ(β[(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))])`;
+        larger keeps the policy closer to the reference.
+      reference: run directory of the frozen reference model; "" = `model.init` (the SFT run the
+        policy starts from).
+      reference_logprobs: "precomputed" (every training pair scored once when the run starts) or
+        "on_the_fly" (each batch scored as it is drawn: no table, one more forward per step).
+    """
+
+    beta: float = 0.1
+    reference: str = ""
+    reference_logprobs: str = "precomputed"
+
+
 @dataclasses.dataclass(frozen=True)
 class RLSection:
     """RLHF with PPO (`jaxgpt.rlhf`), used when `data.format="prompts"`; docs/chat.md.
@@ -193,6 +220,7 @@ class Experiment:
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     parallel: ParallelSection = ParallelSection()
+    dpo: DPOSection = DPOSection()
     rl: RLSection = RLSection()
 
     def __post_init__(self) -> None:
@@ -284,9 +312,12 @@ def validate(exp: Experiment) -> None:
     _positive("checkpoint", exp.checkpoint, "interval", "keep")
     if not 0.0 < exp.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {exp.data.val_fraction!r}")
-    if exp.data.format not in ("text", "chat", "prompts"):
+    if exp.data.format not in DATA_FORMATS:
+        raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {exp.data.format!r}")
+    if exp.model.head == "reward" and exp.data.format != "preference":
         raise ConfigError(
-            f"data.format must be 'text', 'chat' or 'prompts' (PPO), got {exp.data.format!r}"
+            f"model.head='reward' trains a reward model on preference pairs "
+            f"(data.format='preference'), but data.format is {exp.data.format!r}"
         )
     if exp.data.format == "prompts":
         _validate_rl(exp)
@@ -308,6 +339,14 @@ def validate(exp: Experiment) -> None:
     if exp.data.errors not in ENCODING_ERRORS:
         raise ConfigError(f"data.errors must be one of {ENCODING_ERRORS}, got {exp.data.errors!r}")
     _validate_eval_sampling(exp.eval)
+    beta = exp.dpo.beta
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
+        raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta!r}")
+    if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:
+        raise ConfigError(
+            f"dpo.reference_logprobs must be one of {REFERENCE_LOGPROBS}, got "
+            f"{exp.dpo.reference_logprobs!r}"
+        )
 
 
 def _validate_rl(exp: Experiment) -> None:

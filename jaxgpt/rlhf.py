@@ -170,10 +170,11 @@ REWARDS = {"arithmetic": verifier_scores}
 def objective(
     params: Params, batch: dict[str, jax.Array], config: GPTConfig, key: jax.Array | None, *,
     rl: RLSection,
-) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:  # fmt: skip
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:  # fmt: skip
     """PPO's loss on one minibatch of a rollout: clipped surrogate + value_coef · value loss.
 
-    Returns (loss, answer tokens, {policy_loss, value_loss, clip_fraction, approx_kl}); approx_kl
+    Returns (loss, (answer tokens, {policy_loss, value_loss, clip_fraction, approx_kl})) (see
+    `jaxgpt.objectives.split_aux`); approx_kl
     is the mean log-ratio of the policy that sampled to the policy now (how far an update went).
     """
     mask_BT = batch["mask"]
@@ -187,7 +188,7 @@ def objective(
     approx_kl, count = masked_mean(batch["logp"] - logp_BT, mask_BT)
     figures = {"policy_loss": policy_loss, "value_loss": value_loss,
                "clip_fraction": clip_fraction, "approx_kl": approx_kl}  # fmt: skip
-    return policy_loss + rl.value_coef * value_loss, count, figures
+    return policy_loss + rl.value_coef * value_loss, (count, figures)
 
 
 def make_ppo_step(config: GPTConfig, optimizer: optax.GradientTransformation, rl: RLSection):

@@ -50,7 +50,7 @@ from jaxgpt import atomic, batches, checkpoint, data, flops, heads, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
-from jaxgpt.objectives import Objective, get_objective, next_token
+from jaxgpt.objectives import Objective, get_objective, next_token, split_aux
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, grow_vocab, init_params
 from jaxgpt.tokenizer import CharTokenizer, Tokenizer
@@ -91,57 +91,51 @@ def make_train_step(
     """The pure `train_step(state, batch_A, key) -> (state, metrics)` for this model.
 
     `batch_A` holds A micro-batches along its leading axis (a `[A, B, T+1]` array, or a dict of
-    them); `objective` (see `jaxgpt.objectives`) gives each micro-batch's (mean loss, weight) or
-    (mean loss, weight, {name: figure}); the figures join the step's metrics, weighted like the
-    loss over micro-batches.
+    them); `objective` (see `jaxgpt.objectives`) gives each micro-batch's (mean loss, weight).
     """
     use_dropout = max(config.embd_dropout, config.attn_dropout, config.resid_dropout) > 0
-
-    def loss_and_aux(params, batch, config, key):
-        loss, weight, *figures = objective(params, batch, config, key)
-        return loss, (weight, figures[0] if figures else {})
-
-    grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch_A: Any, key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
         A = jax.tree.leaves(batch_A)[0].shape[0]
 
-        def micro(i: jax.Array, batch: Any) -> tuple[tuple[jax.Array, Any], Params]:
+        def micro(i: jax.Array, batch: Any):
             k = jax.random.fold_in(step_key, i) if use_dropout else None
-            return grad_fn(state.params, batch, config, k)
+            (loss, aux), grads = grad_fn(state.params, batch, config, k)
+            return (loss, *split_aux(aux)), grads
 
         if A == 1:
-            (loss, (weight, figures)), grads = micro(
+            (loss, weight, extra), grads = micro(
                 jnp.int32(0), jax.tree.map(lambda x: x[0], batch_A)
             )
         else:
-            # Micro-batches weighted by how many predictions each trains: the step's loss and
-            # gradient are the mean over all of them, however they fall into micro-batches.
+            # Micro-batches weighted by how many predictions each trains: the step's loss, its
+            # metrics and its gradient are the mean over all of them, however they fall into
+            # micro-batches.
             def body(carry, xs):
-                sums, weight_sum, grad_sum = carry
-                (loss, (weight, figures)), grads = micro(*xs)
+                loss_sum, weight_sum, extra_sum, grad_sum = carry
+                (loss, weight, extra), grads = micro(*xs)
                 grad_sum = jax.tree.map(lambda acc, g: acc + weight * g, grad_sum, grads)
-                sums = jax.tree.map(lambda acc, x: acc + weight * x, sums, (loss, figures))
-                return (sums, weight_sum + weight, grad_sum), None
+                extra_sum = jax.tree.map(lambda acc, m: acc + weight * m, extra_sum, extra)
+                return (loss_sum + weight * loss, weight_sum + weight, extra_sum, grad_sum), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
             first = jax.tree.map(lambda x: x[0], batch_A)
-            _, (_, figures) = jax.eval_shape(lambda p, b: loss_and_aux(p, b, config, None),
-                                             state.params, first)  # fmt: skip
-            sums0 = (jnp.float32(0), jax.tree.map(lambda f: jnp.zeros(f.shape, f.dtype), figures))
-            init = (sums0, jnp.float32(0), zeros)
-            (sums, weight, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), batch_A))
+            extra_shape = jax.eval_shape(lambda b: micro(jnp.int32(0), b)[0][2], first)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            extra0 = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), extra_shape)
+            init = (jnp.float32(0), jnp.float32(0), extra0, zeros)
+            (loss, weight, extra, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), batch_A))
             scale = 1.0 / jnp.maximum(weight, 1.0)
-            loss, figures = jax.tree.map(lambda x: x * scale, sums)
-            grads = jax.tree.map(lambda g: g * scale, grads)
+            loss, grads = loss * scale, jax.tree.map(lambda g: g * scale, grads)
+            extra = jax.tree.map(lambda m: m * scale, extra)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "trained_tokens": weight, **figures}
-        return new_state, metrics
+        metrics = {"loss": loss, "grad_norm": grad_norm, "trained_tokens": weight}
+        return new_state, {**extra, **metrics}
 
     return train_step
 
@@ -153,8 +147,14 @@ def jit_train_step(train_step, **jit_kwargs):
 
 @functools.lru_cache(maxsize=8)
 def make_eval_loss(config: GPTConfig, objective: Objective = next_token):
-    """Jitted `eval_loss(params, batch) -> (mean loss, weight)` of the objective (no dropout)."""
-    return jax.jit(lambda params, batch: objective(params, batch, config, None))
+    """Jitted `eval_loss(params, batch) -> (mean loss, weight, metrics)` of the objective
+    (no dropout)."""
+
+    def eval_loss(params: Params, batch: Any):
+        loss, aux = objective(params, batch, config, None)
+        return (loss, *split_aux(aux))
+
+    return jax.jit(eval_loss)
 
 
 @functools.lru_cache(maxsize=8)
@@ -239,6 +239,10 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
     data_dir = data_root / d.dataset
     if d.format == "chat":
         return ensure_chat_data(exp, data_dir, progress=progress)
+    if d.format == "preference":
+        from jaxgpt import preferences
+
+        return preferences.ensure_prepared(exp, data_dir, progress=progress)
     if d.source == data.PREPARED:
         meta = data.load_meta(data_dir)
         if meta.get("tokenizer") != d.tokenizer:
@@ -503,10 +507,12 @@ class Stage:
         `state.params`. Either way a function of (seed, step, params), so a resumed run sees
         the same batches.
       evaluate: `evaluate(params, config) -> {name: float}` at each evaluation.
-      report: the stage's name in `report.json` ("sft", "ppo"), or None for no report.
+      report: the stage's name in `report.json` ("sft", "dpo", "reward", "ppo"), or None.
       loader_state / restore: extra JSON state saved with each checkpoint (e.g. PPO's adaptive β)
         and given back on resume.
       bar: the metrics shown on the progress bar.
+      report_options: keyword arguments of `write_report` for this stage (its reference model,
+        data directory, whether it is the arithmetic task).
     """
 
     tokenizer: Tokenizer
@@ -519,6 +525,7 @@ class Stage:
     loader_state: Callable[[], dict[str, Any]] = dict
     restore: Callable[[dict[str, Any]], None] = lambda loader: None
     bar: tuple[str, ...] = ("loss",)
+    report_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def make_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) -> Stage:
@@ -532,14 +539,28 @@ def make_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) 
 
 
 def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) -> Stage:
-    """Pretraining or SFT: batches from the prepared data (prepared on first use), the
-    objective its format implies, evaluation on fixed train/val batches."""
+    """Pretraining, SFT, DPO or a reward model: batches from the prepared data (prepared on
+    first use), the objective its format implies, evaluation on fixed train/val batches."""
     data_dir = sharding.main_first(lambda: ensure_data(exp, data_root, progress=progress))
     meta = data.load_meta(data_dir)
     T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
-    source = batches.make_source(data_dir, B, T, A, exp.data.seed)
-    objective = get_objective(source.objective)
     tokenizer = batches.tokenizer_of(meta)
+    options, reference = {}, None
+    # Preference pairs train a reward model (model.head = "reward") or, with DPO, a policy.
+    reward_stage = meta.get("format") == "preference" and exp.model.head == "reward"
+    if reward_stage:
+        from jaxgpt import reward_model
+
+        reward_model.check_prepared_fits(data_dir, T)
+    elif meta.get("format") == "preference":  # DPO: the frozen reference model's log-probs
+        from jaxgpt import dpo
+
+        reference = dpo.load_reference(exp, tokenizer)
+        options = dpo.source_options(exp, reference, progress=progress)
+    source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
+    objective_name = "reward" if reward_stage else source.objective
+    objective = get_objective(objective_name, beta=exp.dpo.beta)
+    arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     rows = sharding.host_rows(B)  # this process reads only its share of every batch
     train_sharding = sharding.batch_sharding(mesh, accum=True)
     eval_sharding = sharding.batch_sharding(mesh)
@@ -551,8 +572,9 @@ def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) 
     fixed: dict[str, list] = {}  # the eval batches, made at the first evaluation
 
     def evaluate(params: Params, config: GPTConfig) -> dict[str, float]:
-        """Mean loss per split over its fixed batches, each weighted by the tokens it scores;
-        for the arithmetic demo also the greedy accuracy on 200 held-out problems."""
+        """Mean loss (and the objective's metrics) per split over its fixed batches, each
+        weighted by what it scores; for the arithmetic demo also the greedy accuracy on 200
+        held-out problems."""
         eval_loss = make_eval_loss(config, objective)
         settled = sharding.settled  # one program at a time where collectives need it
         out = {}
@@ -563,24 +585,35 @@ def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) 
                     jax.tree.map(put, source.evaluate(split, i, rows))
                     for i in range(exp.eval.batches)
                 ]
-            scored_N = [settled(eval_loss(params, b))[:2] for b in fixed[split]]
-            loss_N, weight_N = np.asarray(jax.device_get(scored_N)).T
-            out[f"{split}_loss"] = float((loss_N * weight_N).sum() / max(weight_N.sum(), 1.0))
-        if exp.data.source == "arithmetic" and jax.process_count() == 1:
+            scored_N = jax.device_get([settled(eval_loss(params, b)) for b in fixed[split]])
+            weight_N = np.array([w for _, w, _ in scored_N], np.float64)
+            total = max(weight_N.sum(), 1.0)
+            out[f"{split}_loss"] = float(sum(w * loss for loss, w, _ in scored_N) / total)
+            for name in scored_N[0][2]:  # the objective's own metrics, e.g. DPO's reward accuracy
+                out[f"{split}_{name}"] = float(sum(w * m[name] for _, w, m in scored_N) / total)
+        if arithmetic_task and not reward_stage and jax.process_count() == 1:
             out["held_out_acc"] = held_out_accuracy(params, config, tokenizer)
         return out
 
+    report = {"chat": "sft", "preference": "reward" if reward_stage else "dpo"}
     return Stage(
         tokenizer=tokenizer,
         tokens_per_step=exp.tokens_per_step,
         compile=lambda config: compiled_step(config, exp.optim, exp.schedule, mesh, objective),
-        batch_struct=jax.tree.map(  # `[A, B, T+1]` windows, or a dict of them
-            lambda x: jax.ShapeDtypeStruct(x.shape, jnp.int32, sharding=train_sharding),
+        batch_struct=jax.tree.map(  # `[A, B, T+1]` windows, or a dict of arrays
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, jax.dtypes.canonicalize_dtype(x.dtype), sharding=train_sharding
+            ),
             source.train(0, None),
         ),
         batch=batch,
         evaluate=evaluate,
-        report="sft" if exp.data.format == "chat" else None,
+        report=report.get(exp.data.format),
+        report_options={
+            "arithmetic_task": arithmetic_task,
+            "reference": reference,
+            "data_dir": data_dir,
+        },
     )
 
 
@@ -657,6 +690,7 @@ def validate(
     # Process 0 probes the (shared) run directory and prepares the data; the others wait for it.
     sharding.main_first(lambda: _check_writable(run_dir), others=False)
     stage = make_stage(exp, data_root, mesh, progress=progress)
+    sample = sample and exp.model.head != "reward"  # a reward model writes no text
     if sample and exp.eval.sample_tokens > 0:
         sample_prompt_ids(stage.tokenizer, exp)  # fail now, not after the whole run
 
@@ -889,8 +923,8 @@ def finish(r: _Run, state: TrainState, outcome: _Outcome, *, sample: bool) -> Ru
     )  # fmt: skip
     if outcome.interrupted:
         return result
-    sample = sample and exp.eval.sample_tokens > 0
-    chat = exp.data.format in ("chat", "prompts")
+    sample = sample and exp.eval.sample_tokens > 0 and r.config.head != "reward"
+    chat = exp.data.format in ("chat", "preference", "prompts")
     # Every process takes part in gathering the sharded weights; only process 0 samples and plots.
     params = sharding.gather_to_host(state.params) if sample or r.stage.report else None
     if not r.main:
@@ -900,8 +934,8 @@ def finish(r: _Run, state: TrainState, outcome: _Outcome, *, sample: bool) -> Ru
     plot_run(r.run_dir)
     if r.stage.report:
         result.report = write_report(
-            r.run_dir, exp, result, params, r.config, r.stage.tokenizer, r.stage.report,
-            {k: v for k, v in last_eval.items() if k not in ("train_loss", "val_loss")},
+            r.run_dir, exp, result, params, r.config, r.stage.tokenizer, stage=r.stage.report,
+            last_eval=last_eval, **r.stage.report_options,
         )  # fmt: skip
     if sample:
         make_sample = chat_sample if chat else end_of_training_sample
@@ -911,17 +945,41 @@ def finish(r: _Run, state: TrainState, outcome: _Outcome, *, sample: bool) -> Ru
 
 def write_report(
     run_dir: Path, exp: Experiment, result: RunResult, params: Params, config: GPTConfig,
-    tokenizer: Tokenizer, stage: str = "sft", figures: dict | None = None,
+    tokenizer: Tokenizer, *, stage: str = "sft", arithmetic_task: bool | None = None,
+    reference: Any = None, last_eval: dict | None = None, data_dir: Path | None = None,
 ) -> dict:  # fmt: skip
-    """The stage's figures in `run_dir/report.json`: losses, wall time, the last evaluation's
-    `figures` and, for the arithmetic demo, the greedy exact-match accuracy on 500 held-out
-    problems (A ≡ B mod 7)."""
+    """The stage's figures in `run_dir/report.json`: the stage ("sft", "dpo", "reward", "ppo"),
+    losses, wall time and, for the arithmetic demo, the greedy exact-match
+    accuracy on 500 held-out problems (A ≡ B mod 7). A DPO stage adds the reward accuracy and
+    margin on the val pairs and, for the demo, the mean KL to the reference on answers to held-out
+    prompts (`jaxgpt.dpo.stage_figures`); a reward model, its pairwise accuracy on every val pair
+    and, for the demo, on pairs of held-out problems (`jaxgpt.reward_model.stage_figures`); PPO,
+    its last evaluation (held-out accuracy on 200 problems, the last rollout's reward and KL)."""
+    if arithmetic_task is None:
+        arithmetic_task = exp.data.source == "arithmetic"
     report = {
         "stage": stage, "experiment": exp.name, "steps": result.step,
         "train_wall_s": round(result.wall_s, 1), "val_loss": result.val_loss,
-        "train_loss": result.train_loss, **(figures or {}),
+        "train_loss": result.train_loss,
     }  # fmt: skip
-    if exp.data.source == "arithmetic":
+    if stage == "dpo":
+        from jaxgpt import dpo
+
+        report["dpo"] = dpo.stage_figures(
+            exp, params, config, tokenizer, reference, last_eval or {},
+            arithmetic_task=arithmetic_task,
+        )  # fmt: skip
+    if stage == "ppo":
+        report["ppo"] = dict(last_eval or {})
+    if stage == "reward":
+        from jaxgpt import reward_model
+
+        report["reward"] = reward_model.stage_figures(
+            exp, params, config, tokenizer, data_dir, last_eval or {},
+            arithmetic_task=arithmetic_task,
+        )  # fmt: skip
+        arithmetic_task = False  # a reward model answers no problems
+    if arithmetic_task:
         from jaxgpt import arithmetic
 
         t0 = time.perf_counter()

@@ -142,7 +142,7 @@ def test_objective_at_the_sampling_policy(stage_and_state):
     exp, stage, config, state = stage_and_state
     batch = {k: v for k, v in stage.batch(2, state, config).items() if k != "figures"}
     objective = jax.jit(lambda p, b: rlhf.objective(p, b, config, None, rl=exp.rl))
-    loss, count, figures = objective(state.params, batch)
+    loss, (count, figures) = objective(state.params, batch)
     mean_adv, n = masked_mean(batch["advantages"], batch["mask"])
     assert float(count) == float(n) > 0
     assert float(figures["clip_fraction"]) == 0.0
