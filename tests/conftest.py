@@ -124,7 +124,7 @@ def write_tiny_run(path, head="lm", *, chars=None, nan=False, seed=0):
     with `head`, its tokenizer the demo's characters (or `chars`) plus the chat tokens; with
     `nan` its weights are all NaN. Returns the path."""
     from jaxgpt import chat, checkpoint
-    from jaxgpt.experiment import Experiment, ModelSection, ScheduleSection
+    from jaxgpt.experiment import DataSection, Experiment, ModelSection, ScheduleSection
     from jaxgpt.optim import make_optimizer
     from jaxgpt.params import init_params
     from jaxgpt.tokenizer import CharTokenizer
@@ -132,7 +132,8 @@ def write_tiny_run(path, head="lm", *, chars=None, nan=False, seed=0):
 
     tokenizer = chat.with_chat_tokens(CharTokenizer(chars or arithmetic_chars()))
     model = ModelSection(n_layer=2, n_head=2, n_embd=32, block_size=64, head=head)
-    exp = Experiment(name="tiny_chat", model=model,
+    data = DataSection(format="preference" if head == "reward" else "chat", source="arithmetic")
+    exp = Experiment(name="tiny_chat", model=model, data=data,
                      schedule=ScheduleSection(max_steps=1, warmup_steps=0))  # fmt: skip
     config = exp.gpt_config(tokenizer.n_vocab)
     params = init_params(config, jax.random.key(seed))
