@@ -110,13 +110,19 @@ def held_out_problems(n: int, seed: int) -> list[tuple[int, int, int]]:
     return [(a, b, int(rng.integers(len(PHRASINGS)))) for a, b in draw_pairs(rng, n, held_out=True)]
 
 
+def operands(text: str) -> tuple[int, int] | None:
+    """The two integers of a question ("What is 45 + 38?" → (45, 38)); None unless exactly two."""
+    numbers = [int(x) for x in _LAST_INTEGER.findall(text)]
+    return (numbers[0], numbers[1]) if len(numbers) == 2 else None
+
+
 def check_training_messages(messages: list[dict[str, str]]) -> None:
     """Raise InputError if a conversation holds a held-out problem (in any user turn)."""
     for message in messages:
         if message.get("role") != "user":
             continue
-        numbers = [int(x) for x in _LAST_INTEGER.findall(message.get("content", ""))]
-        if len(numbers) == 2 and is_held_out(*numbers):
+        numbers = operands(message.get("content", ""))
+        if numbers is not None and is_held_out(*numbers):
             raise InputError(
                 f"training data holds the held-out problem {numbers[0]} + {numbers[1]} "
                 f"(A ≡ B mod {HELD_OUT_MODULUS})"

@@ -6,6 +6,9 @@ evaluation batches; what it gets back is what the run's objective (`jaxgpt.objec
     text   int32 `[A, B, T+1]` windows of the token stream     → objective "next_token"
     chat   dict of packed `[A, B, T+1]` rows (tokens, segments,  → objective "sft"
            positions, mask; see `jaxgpt.packing`)
+    preference  dict of `[A, B, T+1]` pairs (chosen, chosen_mask,  → objective "dpo"
+           rejected, rejected_mask; see `jaxgpt.preferences`) and,
+           given a reference model, its per-token log-probabilities
 
 Both are pure functions of (seed, step), so a resumed run sees exactly the batches the
 uninterrupted run would have seen, and each process of a multi-process run reads only its rows.
@@ -88,17 +91,81 @@ def chat_source(
     return BatchSource("sft", train, evaluate)
 
 
-def make_source(
-    data_dir: Path, batch_size: int, block_size: int, accum: int, seed: int
+ReferenceLogprobs = Callable[[np.ndarray], np.ndarray]
+
+
+def preference_source(
+    data_dir: Path,
+    batch_size: int,
+    block_size: int,
+    accum: int,
+    seed: int,
+    *,
+    reference: ReferenceLogprobs | None = None,
+    precompute: bool = True,
+    progress: bool = True,
 ) -> BatchSource:
-    """The source for a prepared data directory: chat data when its meta says so, else text."""
-    make = chat_source if is_chat(data.load_meta(data_dir)) else text_source
+    """Preference pairs (`jaxgpt.preferences.get_pair_batch`), for DPO.
+
+    `reference` maps int32 rows `[N, T+1]` to the reference model's per-token log-probabilities
+    `[N, T+1]` float32 (`ref[:, t]` = log p(token t | tokens before it), 0 at t = 0; see
+    `jaxgpt.preferences.reference_logprobs`). With it, every batch also holds `chosen_reference`
+    and `rejected_reference`: computed once for every training pair when the source is made
+    (`precompute`), or for each batch as it is drawn. Either way a batch is a pure function of
+    (seed, step). The fixed evaluation batches are computed as they are drawn.
+    """
+    from jaxgpt import preferences
+
+    pairs = {split: preferences.load_pairs(data_dir, split) for split in ("train", "val")}
+    for split, p in pairs.items():
+        preferences.check_fits(p, block_size, f"{data_dir} ({split})")
+    preferences.describe(pairs["train"], f"{data_dir} (train)")
+    row_len = block_size + 1
+    table = None
+    if reference is not None and precompute:
+        table = preferences.reference_table(pairs["train"], row_len, reference, progress=progress)
+
+    def with_reference(batch: dict[str, np.ndarray], index_AB: np.ndarray, split: str):
+        if reference is None:
+            return batch
+        for side in preferences.SIDES:
+            if table is not None and split == "train":
+                batch[f"{side}_reference"] = table[side][index_AB]
+            else:
+                rows_NT1 = batch[side].reshape(-1, row_len)
+                batch[f"{side}_reference"] = reference(rows_NT1).reshape(batch[side].shape)
+        return batch
+
+    def train(step: int, rows: Rows) -> dict[str, np.ndarray]:
+        index_AB = preferences.pair_indices(pairs["train"].count, batch_size, seed, step,
+                                            accum=accum, rows=rows)  # fmt: skip
+        batch = preferences.pair_rows(pairs["train"], index_AB, row_len)
+        return with_reference(batch, index_AB, "train")
+
+    def evaluate(split: str, i: int, rows: Rows) -> dict[str, np.ndarray]:
+        index_B = preferences.pair_indices(pairs[split].count, batch_size, EVAL_SEED, i,
+                                           rows=rows)[0]  # fmt: skip
+        batch = preferences.pair_rows(pairs[split], index_B, row_len)
+        return with_reference(batch, index_B, split)
+
+    return BatchSource("dpo", train, evaluate)
+
+
+def make_source(
+    data_dir: Path, batch_size: int, block_size: int, accum: int, seed: int, **options: Any
+) -> BatchSource:
+    """The source for a prepared data directory, by the format its meta.json names: chat,
+    preference (`options` go to `preference_source`) or text."""
+    fmt = data.load_meta(data_dir).get("format", "text")
+    if fmt == "preference":
+        return preference_source(data_dir, batch_size, block_size, accum, seed, **options)
+    make = chat_source if fmt == "chat" else text_source
     return make(data_dir, batch_size, block_size, accum, seed)
 
 
 def tokenizer_of(meta: dict[str, Any]):
     """The tokenizer a prepared data directory was made with (its chat tokens included)."""
-    if is_chat(meta):
+    if meta.get("format") in ("chat", "preference"):
         from jaxgpt import chat_data
 
         return chat_data.tokenizer_from_meta(meta)

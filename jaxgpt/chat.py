@@ -31,11 +31,11 @@ data files (`.jsonl`, one conversation per line).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxgpt import jsonl
 from jaxgpt.errors import ChatFormatError
 from jaxgpt.tokenizer import Tokenizer, add_special_tokens
 
@@ -270,27 +270,8 @@ def read_conversations(path: str | Path) -> Iterator[list[Message]]:
     not JSON, not one of the three line forms (`conversation_from_record`), or a conversation the
     format refuses (`check_messages`: unknown role, two user turns in a row, ...).
     """
-    path = Path(path)
-    try:
-        handle = path.open("rb")
-    except OSError as err:
-        raise ChatFormatError(f"cannot read chat data {path}: {err.strerror or err}") from err
-    with handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise ChatFormatError(f"{where}: not UTF-8 text ({err.reason})") from err
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ChatFormatError(
-                    f"{where}: not valid JSON ({err.msg}, column {err.colno})"
-                ) from err
-            try:
-                yield conversation_from_record(record)
-            except ChatFormatError as err:
-                raise ChatFormatError(f"{where}: {err}") from err
+    for where, record in jsonl.records(path, what="chat data", error=ChatFormatError):
+        try:
+            yield conversation_from_record(record)
+        except ChatFormatError as err:
+            raise ChatFormatError(f"{where}: {err}") from err

@@ -73,12 +73,15 @@ def prepare_chat(
     source: str,
     out_dir: str | Path,
     *,
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     val_fraction: float = 0.05,
     split_seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Render a chat data set into `out_dir` (token, mask and offset files per split + meta)."""
+    """Render a chat data set into `out_dir` (token, mask and offset files per split + meta).
+
+    `tokenizer` is "char" (the data set's characters), "gpt2", or a Tokenizer (a model's own).
+    """
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     out = Path(out_dir)
@@ -87,7 +90,7 @@ def prepare_chat(
     with atomic.staged_directory(out, "the data directory") as tmp:
         counts = _render_splits(source, tok, tmp, dtype, val_fraction, split_seed, progress)
         meta = {
-            "version": META_VERSION, "format": FORMAT, "tokenizer": tokenizer,
+            "version": META_VERSION, "format": FORMAT, "tokenizer": tok.name,
             "tokenizer_spec": tokenizer_to_json(tok), "vocab_size": tok.n_vocab,
             "dtype": dtype.name, "source": str(source), "val_fraction": val_fraction,
             "split_seed": split_seed, **counts,
@@ -96,7 +99,9 @@ def prepare_chat(
     return meta
 
 
-def _chat_tokenizer(source: str, name: str) -> Tokenizer:
+def _chat_tokenizer(source: str, name: str | Tokenizer) -> Tokenizer:
+    if not isinstance(name, str):  # a model's own tokenizer
+        return chat.with_chat_tokens(name)
     if name == "gpt2":
         return chat.with_chat_tokens(get_tokenizer("gpt2"))
     if name != "char":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxgpt import jsonl
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import InputError, JaxgptError
 from jaxgpt.model import forward
@@ -228,36 +228,16 @@ def read_choices(path: str | Path, fmt: str, *, limit: int | None = None) -> lis
     if fmt not in FORMATS:
         raise InputError(f"unknown multiple-choice format {fmt!r}; expected one of {list(FORMATS)}")
     ctx_key, choices_key, label_key = FORMATS[fmt]
-    path = Path(path)
     items: list[ChoiceItem] = []
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"cannot read {path}: {err}") from err
-    with handle:
-        for lineno, line in enumerate(_lines(handle, path), start=1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            items.append(_parse_item(row, where, ctx_key, choices_key, label_key))
+    for where, row in jsonl.records(path, what="multiple-choice items"):
+        if limit is not None and len(items) >= limit:
+            break
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        items.append(_parse_item(row, where, ctx_key, choices_key, label_key))
     if not items:
         raise InputError(f"{path}: no items")
     return items
-
-
-def _lines(handle, path: Path) -> Iterator[str]:
-    try:
-        yield from handle
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err})") from err
 
 
 def _parse_item(row: dict, where: str, ctx_key: str, choices_key: str, label_key: str):

@@ -1,7 +1,7 @@
 """Experiment configs: what one training run is, as frozen dataclasses.
 
 An experiment is a Python file `experiments/NAME.py` that defines `EXPERIMENT = Experiment(...)`.
-It has six sections, each a frozen dataclass:
+It has these sections, each a frozen dataclass:
 
     model       shape of the GPT (or where to initialise it from) and its dropout / compute dtype
     data        which corpus, how it is tokenised and split, the batch size
@@ -9,6 +9,9 @@ It has six sections, each a frozen dataclass:
     schedule    number of steps, linear warmup, cosine decay to a floor
     eval        how often and on how many batches train/val loss is measured
     checkpoint  how often to save and how many checkpoints to keep
+    parallel    how the step is laid out on devices
+    dpo         direct preference optimisation (runs on preference data): β and the reference
+    rl          the PPO stage (RLHF): reference policy, reward, KL penalty, the clipped update
 
 Any field can be overridden on the command line with `--set section.field=value`; values are
 parsed and type-checked against the field's type, and an unknown key suggests the nearest valid one.
@@ -30,6 +33,8 @@ from jaxgpt.config import ATTENTION_BACKENDS, HEADS, GPTConfig
 from jaxgpt.data import ENCODING_ERRORS
 from jaxgpt.errors import ConfigError
 from jaxgpt.sharding import parse_mesh
+
+DATA_FORMATS = ("text", "chat", "preference", "prompts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,11 @@ class DataSection:
 
     Attributes:
       dataset: name of the prepared data directory, `<data_dir>/<dataset>`.
-      format: "text" (a corpus, trained on every next token) or "chat" (conversations in .jsonl,
-        packed into rows and trained only on what the assistant says; see docs/chat.md).
+      format: "text" (a corpus, trained on every next token), "chat" (conversations in .jsonl,
+        packed into rows and trained only on what the assistant says; see docs/chat.md) or
+        "preference" (prompts with a chosen and a rejected answer, `jaxgpt.preferences`; for
+        DPO, whose reference model is `model.init`) or "prompts" (PPO: prompts of the
+        arithmetic demo answered by the policy itself, `jaxgpt.rlhf`; see the rl section).
       source: "shakespeare" (the bundled plays), a .txt file, or a directory of .txt files.
       tokenizer: "char" (vocabulary = the corpus' characters) or "gpt2" (BPE).
       val_fraction: share of the corpus held out for validation.
@@ -141,6 +149,67 @@ class ParallelSection:
     mesh: str = ""
 
 
+REFERENCE_LOGPROBS = ("precomputed", "on_the_fly")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    """Direct preference optimisation, the objective of `data.format = "preference"` runs.
+
+    Attributes:
+      beta: β of the DPO loss `-log σ(β[(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))])`;
+        larger keeps the policy closer to the reference.
+      reference: run directory of the frozen reference model; "" = `model.init` (the SFT run the
+        policy starts from).
+      reference_logprobs: "precomputed" (every training pair scored once when the run starts) or
+        "on_the_fly" (each batch scored as it is drawn: no table, one more forward per step).
+    """
+
+    beta: float = 0.1
+    reference: str = ""
+    reference_logprobs: str = "precomputed"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSection:
+    """RLHF with PPO (`jaxgpt.rlhf`), used when `data.format="prompts"`; docs/chat.md.
+
+    Each step samples one answer to each of `data.batch_size` prompts, scores it, and updates the
+    policy (`model.init`, an SFT run; `model.head="lm+value"`) over `epochs` passes of
+    `minibatches` minibatches.
+
+    Attributes:
+      reference: the frozen reference policy's run directory (the SFT run): the KL penalty keeps
+        the policy near it. Required.
+      reward: "model" (the reward model `reward_model`) or "arithmetic" (the demo's verifier:
+        1 for a correct sum, 0 otherwise; for tests and comparison).
+      reward_model: run directory of a reward model (`model.head="reward"`).
+      beta: the KL penalty's coefficient β (its start when `target_kl` > 0).
+      target_kl: 0 keeps β fixed; > 0 adapts β each step towards this KL per answer (nats).
+      kl_horizon: the adaptive controller's horizon (in answers).
+      epochs, minibatches: passes over each rollout batch, and minibatches per pass.
+      clip: ε of the clipped surrogate; value_clip: of the value loss; value_coef: its weight.
+      gamma, lam: GAE's discount and λ.
+      gen_tokens: most tokens sampled per answer; temperature: the sampling temperature.
+    """
+
+    reference: str = ""
+    reward: str = "model"
+    reward_model: str = ""
+    beta: float = 0.05
+    target_kl: float = 0.0
+    kl_horizon: int = 10000
+    epochs: int = 2
+    minibatches: int = 2
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    gen_tokens: int = 32
+    temperature: float = 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     name: str = "experiment"
@@ -151,6 +220,8 @@ class Experiment:
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     parallel: ParallelSection = ParallelSection()
+    dpo: DPOSection = DPOSection()
+    rl: RLSection = RLSection()
 
     def __post_init__(self) -> None:
         validate(self)
@@ -241,8 +312,15 @@ def validate(exp: Experiment) -> None:
     _positive("checkpoint", exp.checkpoint, "interval", "keep")
     if not 0.0 < exp.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {exp.data.val_fraction!r}")
-    if exp.data.format not in ("text", "chat"):
-        raise ConfigError(f"data.format must be 'text' or 'chat', got {exp.data.format!r}")
+    if exp.data.format not in DATA_FORMATS:
+        raise ConfigError(f"data.format must be one of {DATA_FORMATS}, got {exp.data.format!r}")
+    if exp.model.head == "reward" and exp.data.format != "preference":
+        raise ConfigError(
+            f"model.head='reward' trains a reward model on preference pairs "
+            f"(data.format='preference'), but data.format is {exp.data.format!r}"
+        )
+    if exp.data.format == "prompts":
+        _validate_rl(exp)
     if exp.data.tokenizer not in ("char", "gpt2"):
         raise ConfigError(f"data.tokenizer must be 'char' or 'gpt2', got {exp.data.tokenizer!r}")
     if exp.optim.lr <= 0:
@@ -261,6 +339,53 @@ def validate(exp: Experiment) -> None:
     if exp.data.errors not in ENCODING_ERRORS:
         raise ConfigError(f"data.errors must be one of {ENCODING_ERRORS}, got {exp.data.errors!r}")
     _validate_eval_sampling(exp.eval)
+    beta = exp.dpo.beta
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
+        raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta!r}")
+    if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:
+        raise ConfigError(
+            f"dpo.reference_logprobs must be one of {REFERENCE_LOGPROBS}, got "
+            f"{exp.dpo.reference_logprobs!r}"
+        )
+
+
+def _validate_rl(exp: Experiment) -> None:
+    """A PPO experiment's settings (`data.format="prompts"`), checked before any work."""
+    rl = exp.rl
+    if not rl.reference:
+        raise ConfigError(
+            "a PPO run (data.format='prompts') needs a reference policy: set rl.reference to the "
+            "SFT run directory (the KL penalty keeps the policy near it)"
+        )
+    if exp.model.head != "lm+value":
+        raise ConfigError(
+            f"a PPO run trains a policy with a value head: set model.head='lm+value' "
+            f"(got {exp.model.head!r})"
+        )
+    if exp.data.source != "arithmetic":
+        raise ConfigError(
+            f"PPO prompts come from the arithmetic demo: data.source must be 'arithmetic', got "
+            f"{exp.data.source!r}"
+        )
+    if rl.reward == "model" and not rl.reward_model:
+        raise ConfigError(
+            "rl.reward='model' needs rl.reward_model (a reward model's run directory), or use "
+            "rl.reward=arithmetic (the verifier)"
+        )
+    _positive("rl", rl, "epochs", "minibatches", "gen_tokens", "kl_horizon")
+    if exp.data.batch_size % rl.minibatches:
+        raise ConfigError(
+            f"data.batch_size ({exp.data.batch_size} prompts per step) must be divisible by "
+            f"rl.minibatches ({rl.minibatches})"
+        )
+    for name in ("beta", "target_kl", "value_coef", "gamma", "lam"):
+        value = getattr(rl, name)
+        if not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+            raise ConfigError(f"rl.{name} must be a finite number >= 0, got {value!r}")
+    for name in ("clip", "value_clip", "temperature"):
+        value = getattr(rl, name)
+        if not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+            raise ConfigError(f"rl.{name} must be a finite number > 0, got {value!r}")
 
 
 def _validate_eval_sampling(ev: EvalSection) -> None:

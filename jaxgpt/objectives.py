@@ -3,21 +3,30 @@
 An objective is a pure function
 
     objective(params, batch, config, key) -> (loss, weight)
+                                          or (loss, (weight, {name: scalar metric}))
 
 `batch` is one micro-batch as the stage's data source makes it (an int32 `[B, T+1]` array of
 token windows for pretraining; a dict of packed `[B, T+1]` arrays for SFT, see
-`jaxgpt.packing`); `key` is the dropout key (None: no dropout); `loss` is the mean over the
-`weight` predictions the batch trains (a float32 scalar). The train step
-(`jaxgpt.train.make_train_step`) weighs micro-batches by `weight`, so gradient accumulation gives
-the mean over every trained token of the whole step, however they fall into micro-batches.
+`jaxgpt.packing`; a dict of preference pairs for DPO, see `jaxgpt.preferences`); `key` is the
+dropout key (None: no dropout); `loss` is the mean over the `weight` predictions (or pairs) the
+batch trains (a float32 scalar). The train step (`jaxgpt.train.make_train_step`) weighs
+micro-batches by `weight`, so gradient accumulation gives the mean over every trained token of the
+whole step, however they fall into micro-batches. An objective may also return scalar metrics
+(`split_aux`); the loop averages them the same way and logs them beside the loss.
 
     next_token   pretraining: every next token of every window
     sft          supervised fine-tuning: only the tokens the assistant says (the chat mask),
                  on conversations packed into rows without attending across them
+    dpo          direct preference optimisation on chosen/rejected answers, against the
+                 reference log-probabilities the batch carries (`dpo_loss`)
+    (PPO's clipped surrogate + value loss is `jaxgpt.rlhf.objective`, on rollouts it samples)
+    reward       a reward model (`GPTConfig.head == "reward"`) on preference pairs: the
+                 Bradley–Terry loss of the scores of the chosen and the rejected answer
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxgpt import heads
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import ConfigError
+from jaxgpt.eval import logprobs
 from jaxgpt.model import forward
 from jaxgpt.packing import loss_weights
 from jaxgpt.params import Params
@@ -104,13 +115,64 @@ def masked_next_token_loss(
     return total / jnp.maximum(count, 1).astype(jnp.float32), count
 
 
-OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft}
+def dpo(
+    params: Params,
+    batch: dict[str, jax.Array],
+    config: GPTConfig,
+    key: jax.Array | None,
+    *,
+    beta: float = 0.1,
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """DPO on a batch of preference pairs: `dpo_loss` of the sequence log-probabilities.
+
+    `batch` holds `chosen`, `rejected` (int32 `[B, T+1]` conversations), their `*_mask` (1 on
+    the final answer's tokens) and `*_reference` (float32 `[B, T+1]`, the frozen reference
+    model's log-probability of each token; see `jaxgpt.batches.preference_source`). A sequence
+    log-probability is the sum over the answer's tokens, `t` with `mask[t] = 1`, of
+    `log p(token t | tokens before it)`. Both sides go through the model as one `[2B, T]` batch.
+    DPO runs without dropout (`key` is ignored), so that the policy's log-probabilities are
+    computed as the reference's were. Returns (mean loss over the B pairs, (B, metrics)).
+    """
+    del key
+    B = batch["chosen"].shape[0]
+    tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    weights_2BT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])[:, 1:] > 0
+    reference_2BT = jnp.concatenate([batch["chosen_reference"], batch["rejected_reference"]])
+    policy_2B = jnp.where(weights_2BT, logprobs(params, config, tokens_2BT1), 0.0).sum(-1)
+    ref_2B = jnp.where(weights_2BT, reference_2BT[:, 1:], 0.0).sum(-1)
+    loss, metrics = dpo_loss(policy_2B[:B], policy_2B[B:], ref_2B[:B], ref_2B[B:], beta)
+    # Mean of log π - log π_ref over the chosen answers: how far the policy has moved from the
+    # reference on them (its expectation under π would be the KL).
+    metrics["logratio_chosen"] = (policy_2B[:B] - ref_2B[:B]).mean()
+    return loss, (jnp.float32(B), metrics)
 
 
-def get_objective(name: str) -> Objective:
+OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft, "dpo": dpo}
+
+
+def get_objective(name: str, *, beta: float | None = None) -> Objective:
+    """The objective registered as `name`; for "dpo", with `beta` (default 0.1) bound.
+
+    The same settings give the same function object, so the compiled step is reused.
+    """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
+    if name == "dpo" and beta is not None:
+        return _dpo_with(float(beta))
     return OBJECTIVES[name]
+
+
+@functools.cache
+def _dpo_with(beta: float) -> Objective:
+    return functools.partial(dpo, beta=beta)
+
+
+def split_aux(aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """An objective's second output as (weight, metrics): a bare weight has no metrics."""
+    if isinstance(aux, tuple):
+        weight, metrics = aux
+        return weight, dict(metrics)
+    return aux, {}
 
 
 # --------------------------------------------------------------------------- preference losses
@@ -127,6 +189,43 @@ def pairwise_reward_loss(
     """
     margin_B = (reward_chosen_B - reward_rejected_B).astype(jnp.float32)
     return -jax.nn.log_sigmoid(margin_B).mean(), (margin_B > 0).mean()
+
+
+def reward(
+    params: Params, batch: dict[str, jax.Array], config: GPTConfig, key: jax.Array | None
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """A reward model's Bradley–Terry loss on a batch of preference pairs.
+
+    `batch` holds `chosen` and `rejected` (int32 `[B, T+1]` conversations, right-padded) and
+    their `*_mask` (1 on the final answer's tokens and its `<|end|>`; see
+    `jaxgpt.preferences.get_pair_batch`). Each conversation's reward is the score head read at
+    its answer's last token, the `<|end|>` (`heads.sequence_scores` at `heads.last_index` of the
+    mask), on the first T tokens of the row: the model has T positions, and the reward model's
+    data is checked to fit them (`jaxgpt.reward_model.check_fits`). Both sides go through the
+    model as one `[2B, T]` batch. Returns (mean `pairwise_reward_loss` over the B pairs,
+    (B, metrics)): `reward_accuracy` (how often the chosen answer scores higher),
+    `reward_margin` (mean r_chosen - r_rejected), `reward_chosen` and `reward_rejected`.
+    """
+    B = batch["chosen"].shape[0]
+    tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    mask_2BT1 = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    T = tokens_2BT1.shape[1] - 1
+    last_2B = jnp.minimum(heads.last_index(mask_2BT1), T - 1)
+    r_2B = heads.sequence_scores(
+        params, tokens_2BT1[:, :T], last_2B, config, train=key is not None, key=key
+    )
+    chosen_B, rejected_B = r_2B[:B], r_2B[B:]
+    loss, accuracy = pairwise_reward_loss(chosen_B, rejected_B)
+    metrics = {
+        "reward_accuracy": accuracy,
+        "reward_margin": (chosen_B - rejected_B).mean(),
+        "reward_chosen": chosen_B.mean(),
+        "reward_rejected": rejected_B.mean(),
+    }
+    return loss, (jnp.float32(B), metrics)
+
+
+OBJECTIVES["reward"] = reward
 
 
 def dpo_loss(

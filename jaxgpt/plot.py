@@ -68,6 +68,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.6,
                 label="train loss (logged steps)")  # fmt: skip
+    evals = [r for r in evals if "val_loss" in r]  # (a PPO run evaluates no losses)
     if evals:
         steps = [r["step"] for r in evals]
         ax.plot(steps, [r["train_loss"] for r in evals], "o-", label="train loss (eval batches)")

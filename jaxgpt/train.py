@@ -9,9 +9,19 @@ optax optimiser. Parameters and optimiser state are float32; the forward pass co
 The step is jitted in exactly one place, `jit_train_step`, with the state's buffers donated; that
 is also where shardings go when the step runs on several devices.
 
-`run` drives a whole experiment: data (prepared on first use), init or resume, the loop with
-its progress bar and metrics.jsonl, periodic evaluation and checkpoints, and the NaN / Ctrl-C
-stops that keep the last good checkpoint.
+`run` drives a whole experiment in four steps, read top to bottom:
+
+    validate         the stage (its data, prepared on first use), the starting weights or the
+                     checkpoint to resume, the compiled step: all checked before any write
+    resume_or_start  restore the latest checkpoint, or initialise and write the run files
+    train_loop       step after step: the stage's batch (its hook), the compiled step, the
+                     progress bar and metrics.jsonl, evaluation and checkpoints at intervals,
+                     the NaN / Ctrl-C stops that keep the last good checkpoint
+    finish           the plot, the stage's report.json, the end-of-training sample
+
+A `Stage` is what differs between pretraining, SFT and PPO: where a step's batch comes from
+(prepared data, or a rollout of the current policy), which compiled step consumes it, and what an
+evaluation measures.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +50,7 @@ from jaxgpt import atomic, batches, checkpoint, data, flops, heads, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
 from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
-from jaxgpt.objectives import Objective, get_objective, next_token
+from jaxgpt.objectives import Objective, get_objective, next_token, split_aux
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, grow_vocab, init_params
 from jaxgpt.tokenizer import CharTokenizer, Tokenizer
@@ -89,32 +100,42 @@ def make_train_step(
         step_key = jax.random.fold_in(key, state.step)
         A = jax.tree.leaves(batch_A)[0].shape[0]
 
-        def micro(i: jax.Array, batch: Any) -> tuple[tuple[jax.Array, jax.Array], Params]:
+        def micro(i: jax.Array, batch: Any):
             k = jax.random.fold_in(step_key, i) if use_dropout else None
-            return grad_fn(state.params, batch, config, k)
+            (loss, aux), grads = grad_fn(state.params, batch, config, k)
+            return (loss, *split_aux(aux)), grads
 
         if A == 1:
-            (loss, weight), grads = micro(jnp.int32(0), jax.tree.map(lambda x: x[0], batch_A))
+            (loss, weight, extra), grads = micro(
+                jnp.int32(0), jax.tree.map(lambda x: x[0], batch_A)
+            )
         else:
-            # Micro-batches weighted by how many predictions each trains: the step's loss and
-            # gradient are the mean over all of them, however they fall into micro-batches.
+            # Micro-batches weighted by how many predictions each trains: the step's loss, its
+            # metrics and its gradient are the mean over all of them, however they fall into
+            # micro-batches.
             def body(carry, xs):
-                loss_sum, weight_sum, grad_sum = carry
-                (loss, weight), grads = micro(*xs)
+                loss_sum, weight_sum, extra_sum, grad_sum = carry
+                (loss, weight, extra), grads = micro(*xs)
                 grad_sum = jax.tree.map(lambda acc, g: acc + weight * g, grad_sum, grads)
-                return (loss_sum + weight * loss, weight_sum + weight, grad_sum), None
+                extra_sum = jax.tree.map(lambda acc, m: acc + weight * m, extra_sum, extra)
+                return (loss_sum + weight * loss, weight_sum + weight, extra_sum, grad_sum), None
 
+            first = jax.tree.map(lambda x: x[0], batch_A)
+            extra_shape = jax.eval_shape(lambda b: micro(jnp.int32(0), b)[0][2], first)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (jnp.float32(0), jnp.float32(0), zeros)
-            (loss, weight, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), batch_A))
+            extra0 = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), extra_shape)
+            init = (jnp.float32(0), jnp.float32(0), extra0, zeros)
+            (loss, weight, extra, grads), _ = jax.lax.scan(body, init, (jnp.arange(A), batch_A))
             scale = 1.0 / jnp.maximum(weight, 1.0)
             loss, grads = loss * scale, jax.tree.map(lambda g: g * scale, grads)
+            extra = jax.tree.map(lambda m: m * scale, extra)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "trained_tokens": weight}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "trained_tokens": weight}
+        return new_state, {**extra, **metrics}
 
     return train_step
 
@@ -126,8 +147,14 @@ def jit_train_step(train_step, **jit_kwargs):
 
 @functools.lru_cache(maxsize=8)
 def make_eval_loss(config: GPTConfig, objective: Objective = next_token):
-    """Jitted `eval_loss(params, batch) -> (mean loss, weight)` of the objective (no dropout)."""
-    return jax.jit(lambda params, batch: objective(params, batch, config, None))
+    """Jitted `eval_loss(params, batch) -> (mean loss, weight, metrics)` of the objective
+    (no dropout)."""
+
+    def eval_loss(params: Params, batch: Any):
+        loss, aux = objective(params, batch, config, None)
+        return (loss, *split_aux(aux))
+
+    return jax.jit(eval_loss)
 
 
 @functools.lru_cache(maxsize=8)
@@ -212,6 +239,10 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
     data_dir = data_root / d.dataset
     if d.format == "chat":
         return ensure_chat_data(exp, data_dir, progress=progress)
+    if d.format == "preference":
+        from jaxgpt import preferences
+
+        return preferences.ensure_prepared(exp, data_dir, progress=progress)
     if d.source == data.PREPARED:
         meta = data.load_meta(data_dir)
         if meta.get("tokenizer") != d.tokenizer:
@@ -386,8 +417,9 @@ def _set_aside_diverged(run_dir: Path, bad_step: int) -> tuple[Path | None, list
     return checkpoint.set_aside(run_dir, names, copy=files), suspect
 
 
-def _diverged(run_dir: Path, s: int, loss: float, grad_norm: float, main: bool) -> JaxgptError:
-    """The error for a NaN/inf at step `s`, after setting the suspect checkpoints aside."""
+def _diverged(run_dir: Path, s: int, name: str, metrics: dict, main: bool) -> JaxgptError:
+    """The error for a NaN/inf metric `name` at step `s`, after setting the suspect checkpoints
+    aside."""
     aside, suspect = _set_aside_diverged(run_dir, s) if main else (None, [])
     kept = checkpoint.latest_step(run_dir)
     moved = f"checkpoint(s) {suspect} moved to {aside}; " if aside else ""
@@ -395,10 +427,13 @@ def _diverged(run_dir: Path, s: int, loss: float, grad_norm: float, main: bool) 
         then = "no checkpoint from before the bad update exists: start over with --fresh and"
     else:
         then = f"checkpoint {kept} (from before the bad update) is kept; run again to resume with"
+    what = f"loss became {float(metrics['loss'])} (grad norm {float(metrics['grad_norm'])})"
+    if name not in ("loss", "grad_norm"):
+        what = f"{name} became {float(np.mean(metrics[name]))} ({what.replace(' became', '')})"
     return TrainingDiverged(
-        f"loss became {loss} (grad norm {grad_norm}) at step {s}, computed with the weights "
-        f"after step {s - 1}; training stopped in {run_dir}; {moved}{then} a lower optim.lr, a "
-        f"longer schedule.warmup_steps or a smaller optim.grad_clip"
+        f"{what} at step {s}, computed with the weights after step {s - 1}; training stopped in "
+        f"{run_dir}; {moved}{then} a lower optim.lr, a longer schedule.warmup_steps or a "
+        f"smaller optim.grad_clip"
     )
 
 
@@ -450,6 +485,148 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass
+class Stage:
+    """What one stage of training (pretraining, SFT, PPO, ...) brings to the one loop of `run`.
+
+    The loop itself — resume, metrics, progress bar, evaluation, checkpoints, Ctrl-C and NaN
+    stops — is the same for every stage; a stage only says where a step's batch comes from, which
+    compiled step consumes it and what an evaluation measures.
+
+    Attributes:
+      tokenizer: the run's tokenizer (its run files store it).
+      tokens_per_step: tokens one step trains on, for the throughput figures.
+      compile: `compile(config) -> (optimizer, step_fn, state_shardings)`; `step_fn(state, batch,
+        key) -> (state, metrics)` is jitted with the state donated (`compiled_step`).
+      batch_struct: one step's batch as ShapeDtypeStructs, to compile the step before any write.
+      batch: THE HOOK — `batch(step, state, config) -> batch` on device. A data stage slices
+        its prepared data (a pure function of (seed, step)); PPO samples a rollout from
+        `state.params`. Either way a function of (seed, step, params), so a resumed run sees
+        the same batches.
+      evaluate: `evaluate(params, config) -> {name: float}` at each evaluation.
+      report: the stage's name in `report.json` ("sft", "dpo", "reward", "ppo"), or None.
+      loader_state / restore: extra JSON state saved with each checkpoint (e.g. PPO's adaptive β)
+        and given back on resume.
+      bar: the metrics shown on the progress bar.
+      report_options: keyword arguments of `write_report` for this stage (its reference model,
+        data directory, whether it is the arithmetic task).
+    """
+
+    tokenizer: Tokenizer
+    tokens_per_step: int
+    compile: Callable[[GPTConfig], tuple[Any, Any, Any]]
+    batch_struct: Any
+    batch: Callable[[int, TrainState, GPTConfig], Any]
+    evaluate: Callable[[Params, GPTConfig], dict[str, float]]
+    report: str | None = None
+    loader_state: Callable[[], dict[str, Any]] = dict
+    restore: Callable[[dict[str, Any]], None] = lambda loader: None
+    bar: tuple[str, ...] = ("loss",)
+    report_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def make_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) -> Stage:
+    """The stage `exp` describes: PPO for `data.format="prompts"`, else training on prepared
+    data (text or chat)."""
+    if exp.data.format == "prompts":
+        from jaxgpt import rlhf
+
+        return rlhf.ppo_stage(exp, mesh)
+    return data_stage(exp, data_root, mesh, progress=progress)
+
+
+def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) -> Stage:
+    """Pretraining, SFT, DPO or a reward model: batches from the prepared data (prepared on
+    first use), the objective its format implies, evaluation on fixed train/val batches."""
+    data_dir = sharding.main_first(lambda: ensure_data(exp, data_root, progress=progress))
+    meta = data.load_meta(data_dir)
+    T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
+    tokenizer = batches.tokenizer_of(meta)
+    options, reference = {}, None
+    # Preference pairs train a reward model (model.head = "reward") or, with DPO, a policy.
+    reward_stage = meta.get("format") == "preference" and exp.model.head == "reward"
+    if reward_stage:
+        from jaxgpt import reward_model
+
+        reward_model.check_prepared_fits(data_dir, T)
+    elif meta.get("format") == "preference":  # DPO: the frozen reference model's log-probs
+        from jaxgpt import dpo
+
+        reference = dpo.load_reference(exp, tokenizer)
+        options = dpo.source_options(exp, reference, progress=progress)
+    source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
+    objective_name = "reward" if reward_stage else source.objective
+    objective = get_objective(objective_name, beta=exp.dpo.beta)
+    arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
+    rows = sharding.host_rows(B)  # this process reads only its share of every batch
+    train_sharding = sharding.batch_sharding(mesh, accum=True)
+    eval_sharding = sharding.batch_sharding(mesh)
+
+    def batch(step: int, state: TrainState, config: GPTConfig) -> Any:
+        put = lambda x: sharding.put_batch(x, train_sharding, (A, B, T + 1))
+        return jax.tree.map(put, source.train(step, rows))
+
+    fixed: dict[str, list] = {}  # the eval batches, made at the first evaluation
+
+    def evaluate(params: Params, config: GPTConfig) -> dict[str, float]:
+        """Mean loss (and the objective's metrics) per split over its fixed batches, each
+        weighted by what it scores; for the arithmetic demo also the greedy accuracy on 200
+        held-out problems."""
+        eval_loss = make_eval_loss(config, objective)
+        settled = sharding.settled  # one program at a time where collectives need it
+        out = {}
+        for split in ("train", "val"):
+            if split not in fixed:
+                put = lambda x: sharding.put_batch(x, eval_sharding, (B, T + 1))
+                fixed[split] = [
+                    jax.tree.map(put, source.evaluate(split, i, rows))
+                    for i in range(exp.eval.batches)
+                ]
+            scored_N = jax.device_get([settled(eval_loss(params, b)) for b in fixed[split]])
+            weight_N = np.array([w for _, w, _ in scored_N], np.float64)
+            total = max(weight_N.sum(), 1.0)
+            out[f"{split}_loss"] = float(sum(w * loss for loss, w, _ in scored_N) / total)
+            for name in scored_N[0][2]:  # the objective's own metrics, e.g. DPO's reward accuracy
+                out[f"{split}_{name}"] = float(sum(w * m[name] for _, w, m in scored_N) / total)
+        if arithmetic_task and not reward_stage and jax.process_count() == 1:
+            out["held_out_acc"] = held_out_accuracy(params, config, tokenizer)
+        return out
+
+    report = {"chat": "sft", "preference": "reward" if reward_stage else "dpo"}
+    return Stage(
+        tokenizer=tokenizer,
+        tokens_per_step=exp.tokens_per_step,
+        compile=lambda config: compiled_step(config, exp.optim, exp.schedule, mesh, objective),
+        batch_struct=jax.tree.map(  # `[A, B, T+1]` windows, or a dict of arrays
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, jax.dtypes.canonicalize_dtype(x.dtype), sharding=train_sharding
+            ),
+            source.train(0, None),
+        ),
+        batch=batch,
+        evaluate=evaluate,
+        report=report.get(exp.data.format),
+        report_options={
+            "arithmetic_task": arithmetic_task,
+            "reference": reference,
+            "data_dir": data_dir,
+        },
+    )
+
+
+def held_out_accuracy(params: Params, config: GPTConfig, tokenizer: Tokenizer) -> float:
+    """Greedy exact-match accuracy on HELD_OUT_EVAL held-out arithmetic problems."""
+    from jaxgpt import arithmetic
+
+    return arithmetic.evaluate_model(params, config, tokenizer, n=HELD_OUT_EVAL)["accuracy"]
+
+
+# --------------------------------------------------------------------------- the run
+
+
 def run(
     exp: Experiment,
     *,
@@ -461,50 +638,80 @@ def run(
 ) -> RunResult:
     """Train `exp` in `run_dir` (resuming from its latest checkpoint unless `fresh`).
 
-    On several devices the step runs on the mesh `exp.parallel.mesh`; in a multi-process run each
-    process reads its share of every batch and only process 0 writes metrics, plots and bars.
+    Four steps, each below: `validate` (everything that can fail does so before the run
+    directory changes), `resume_or_start`, `train_loop`, `finish`. On several devices the step
+    runs on the mesh `exp.parallel.mesh`; in a multi-process run each process reads its share of
+    every batch and only process 0 writes metrics, plots and bars.
     """
-    run_dir, data_root = Path(run_dir), Path(data_root)
+    r = validate(exp, Path(run_dir), Path(data_root), fresh=fresh, progress=progress,
+                 sample=sample)  # fmt: skip
+    if fresh:  # process 0 moves the old run aside while the others wait for it
+        moved = [checkpoint.CHECKPOINT_DIR, checkpoint.METRICS_FILE, checkpoint.PLOT_FILE]
+        aside = sharding.main_first(lambda: checkpoint.set_aside(r.run_dir, moved), others=False)
+        if aside is not None:
+            print(f"--fresh: the previous run's checkpoints and metrics moved to {aside}",
+                  file=sys.stderr)  # fmt: skip
+    manager = checkpoint.open_manager(r.run_dir, keep=exp.checkpoint.keep)
+    try:
+        state, elapsed_before = resume_or_start(r, manager)
+        state, outcome = train_loop(r, state, manager, elapsed_before)
+    finally:
+        manager.close()
+    return finish(r, state, outcome, sample=sample)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `validate` established about a run; the later steps read it."""
+
+    exp: Experiment
+    run_dir: Path
+    main: bool
+    progress: bool
+    mesh: Mesh
+    stage: Stage
+    config: GPTConfig
+    params: Params | None  # the starting weights (None: resumed from checkpoint `last`)
+    last: int | None
+    changes: dict[str, tuple]
+    optimizer: optax.GradientTransformation
+    step_fn: Any
+    abstract_state: TrainState
+
+
+def validate(
+    exp: Experiment, run_dir: Path, data_root: Path, *, fresh: bool, progress: bool, sample: bool
+) -> _Run:
+    """Check everything a run needs — data, starting weights or the checkpoint to resume, the
+    compiled step — before the run directory is touched (only its writability is probed)."""
     main = sharding.is_main_process()
     progress = progress and main
     mesh = sharding.make_mesh(exp.parallel.mesh)  # a bad mesh fails before any work is done
     # Process 0 probes the (shared) run directory and prepares the data; the others wait for it.
     sharding.main_first(lambda: _check_writable(run_dir), others=False)
-    data_dir = sharding.main_first(lambda: ensure_data(exp, data_root, progress=progress))
-    meta = data.load_meta(data_dir)
-    T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
-    source = batches.make_source(data_dir, B, T, A, exp.data.seed)
-    objective = get_objective(source.objective)
-    tokenizer = batches.tokenizer_of(meta)
+    stage = make_stage(exp, data_root, mesh, progress=progress)
+    sample = sample and exp.model.head != "reward"  # a reward model writes no text
     if sample and exp.eval.sample_tokens > 0:
-        sample_prompt_ids(tokenizer, exp)  # fail now, not after the whole run
+        sample_prompt_ids(stage.tokenizer, exp)  # fail now, not after the whole run
 
-    # ---- resume or start: validated first; the run directory is not touched until all is
     last = None if fresh else checkpoint.latest_step(run_dir)
     changes: dict[str, tuple] = {}
+    params = None
     if last is not None:
         changes = check_resumable(exp, run_dir)
         config = GPTConfig.from_dict(checkpoint.read_json(run_dir / checkpoint.MODEL_FILE))
-        params = None
     else:
-        config, params = initial_params(exp, tokenizer)
+        config, params = initial_params(exp, stage.tokenizer)
         check_params(params, config)
-    sharding.check_parallelism(config, mesh, B)
-    optimizer, step_fn, state_shardings = compiled_step(
-        config, exp.optim, exp.schedule, mesh, objective
-    )
+    sharding.check_parallelism(config, mesh, exp.data.batch_size)
+    optimizer, step_fn, state_shardings = stage.compile(config)
     abstract_state = abstract_train_state(config, optimizer, state_shardings)
     # Compiled now, so that a step that cannot be built fails before the run directory changes;
     # jax caches the executable and the first step reuses it.
-    batch_sharding = sharding.batch_sharding(mesh, accum=True)
-    batch_struct = jax.tree.map(  # a step's batch: `[A, B, T+1]` windows, or a dict of them
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.int32, sharding=batch_sharding),
-        source.train(0, None),
-    )
     if last is None or last < exp.schedule.max_steps:  # (a finished run takes no more steps)
         with jax.set_mesh(mesh):
             key_struct = jax.eval_shape(jax.random.key, 0)
-            step_fn.lower(abstract_state, batch_struct, key_struct).compile()
+            step_fn.lower(abstract_state, stage.batch_struct, key_struct).compile()
     if main:
         per_device = sharding.bytes_per_device(abstract_state, mesh)
         total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract_state))
@@ -515,136 +722,143 @@ def run(
             f"({total / 2**20:,.1f} MiB in all)",
             file=sys.stderr,
         )
-    if fresh:  # process 0 moves the old run aside while the others wait for it
-        moved = [checkpoint.CHECKPOINT_DIR, checkpoint.METRICS_FILE, checkpoint.PLOT_FILE]
-        aside = sharding.main_first(lambda: checkpoint.set_aside(run_dir, moved), others=False)
-        if aside is not None:
-            print(f"--fresh: the previous run's checkpoints and metrics moved to {aside}",
-                  file=sys.stderr)  # fmt: skip
-    manager = checkpoint.open_manager(run_dir, keep=exp.checkpoint.keep)
-    elapsed_before = 0.0
-    if last is not None:
-        try:
-            state, loader = checkpoint.restore(manager, last, abstract_state)
-        except JaxgptError:
-            manager.close()
-            raise
-        if loader.get("seed") != exp.data.seed or loader.get("step") != int(state.step):
-            manager.close()
-            raise CheckpointFormatError(
-                f"checkpoint {last} in {run_dir} has an inconsistent loader state {loader}"
-            )
-        elapsed_before = float(loader.get("elapsed_s", 0.0))
-        print(f"resuming {run_dir} from step {last}", file=sys.stderr)
-        if changes and main:
-            for key, (old, new) in changes.items():
-                print(f"  {key}: {old!r} → {new!r}", file=sys.stderr)
-            atomic.write_text(
-                run_dir / checkpoint.EXPERIMENT_FILE, json.dumps(exp.to_dict(), indent=1)
-            )
-    else:
+    return _Run(exp, run_dir, main, progress, mesh, stage, config, params, last, changes,
+                optimizer, step_fn, abstract_state)  # fmt: skip
+
+
+def resume_or_start(r: _Run, manager: Any) -> tuple[TrainState, float]:
+    """(state, seconds trained before): restored from checkpoint `r.last`, or initialised from
+    `r.params` with the run files written. A resume records what it changed."""
+    if r.last is None:
+        state_shardings = jax.tree.map(lambda s: s.sharding, r.abstract_state)
         init = jax.jit(init_train_state, static_argnums=1, out_shardings=state_shardings)
-        state = init(params, optimizer)
-        if main:
-            checkpoint.write_run_files(run_dir, exp.to_dict(), config, tokenizer)
+        state = init(r.params, r.optimizer)
+        if r.main:
+            checkpoint.write_run_files(r.run_dir, r.exp.to_dict(), r.config, r.stage.tokenizer)
+        return state, 0.0
+    state, loader = checkpoint.restore(manager, r.last, r.abstract_state)
+    if loader.get("seed") != r.exp.data.seed or loader.get("step") != int(state.step):
+        raise CheckpointFormatError(
+            f"checkpoint {r.last} in {r.run_dir} has an inconsistent loader state {loader}"
+        )
+    r.stage.restore(loader)
+    print(f"resuming {r.run_dir} from step {r.last}", file=sys.stderr)
+    if r.changes and r.main:
+        for key, (old, new) in r.changes.items():
+            print(f"  {key}: {old!r} → {new!r}", file=sys.stderr)
+        atomic.write_text(
+            r.run_dir / checkpoint.EXPERIMENT_FILE, json.dumps(r.exp.to_dict(), indent=1)
+        )
+    return state, float(loader.get("elapsed_s", 0.0))
 
-    # ---- compiled functions and fixed eval batches
-    eval_loss = make_eval_loss(config, objective)
-    rows = sharding.host_rows(B)  # this process reads only its share of every batch
-    eval_sharding = sharding.batch_sharding(mesh)
-    train_sharding = sharding.batch_sharding(mesh, accum=True)
 
-    def eval_batch(split: str, i: int) -> Any:
-        local = source.evaluate(split, i, rows)
-        return jax.tree.map(lambda x: sharding.put_batch(x, eval_sharding, (B, T + 1)), local)
+@dataclasses.dataclass
+class _Outcome:
+    """How the loop ended."""
 
-    eval_batches = {
-        split: [eval_batch(split, i) for i in range(exp.eval.batches)] for split in ("train", "val")
-    }
+    step: int
+    interrupted: bool
+    last_eval: dict[str, float]
+    last_loss: float | None
+    tok_s: float | None
+    mfu: float | None
+    wall_s: float
+
+
+class _MetricsLog:
+    """metrics.jsonl and the throughput window. Steps' metrics are fetched in groups (one host
+    sync per `flush`), checked for NaN and written as one "train" row."""
+
+    def __init__(self, r: _Run, start_step: int, elapsed_before: float) -> None:
+        self.r = r
+        self.path = r.run_dir / checkpoint.METRICS_FILE
+        if r.main:
+            kept = _read_metrics(self.path, start_step)
+            if r.changes:  # what this resume changed, so the curve's history stays readable
+                kept.append({"kind": "resume", "step": start_step,
+                             "changed": {k: list(v) for k, v in r.changes.items()}})  # fmt: skip
+            atomic.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        self.file = self.path.open("a") if r.main else None
+        self.pending: list[tuple[int, dict]] = []
+        self.elapsed_before = elapsed_before
+        self.t_start = self.t_window = time.perf_counter()
+        self.window_steps, self.window_compiles = 0, True
+        self.last: dict[str, float] = {}  # the latest flushed row's figures
+        self.tok_s = self.mfu = None
+        self.flops_per_token = flops.flops_per_token(
+            r.config, r.exp.model.block_size, training=True
+        )
+        self.peak, _ = flops.peak_flops(r.config.dtype)
+        self.schedule = lr_of(r.exp)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+        self.window_steps += 1
+
+    def flush(self, manager: Any) -> None:
+        """Fetch the pending steps' metrics, stop on NaN, write a log row."""
+        if not self.pending:
+            return
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (s, _), m in zip(self.pending, fetched):
+            bad = [k for k, v in m.items() if not np.all(np.isfinite(v))]
+            if bad:
+                manager.wait_until_finished()
+                raise _diverged(self.r.run_dir, s, bad[0], m, self.r.main)
+        now = time.perf_counter()
+        seconds = now - self.t_window
+        if not self.window_compiles and seconds > 0:
+            self.tok_s = self.window_steps * self.r.stage.tokens_per_step / seconds
+            self.mfu = self.tok_s * self.flops_per_token / self.peak
+        s = self.pending[-1][0]
+        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+        self.last = means
+        extra = {k: v for k, v in means.items() if k not in ("loss", "grad_norm", "trained_tokens")}
+        self.write({
+            "kind": "train", "step": s, "loss": means["loss"],
+            "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(self.schedule(s - 1)),
+            "trained_tokens": int(fetched[-1]["trained_tokens"]), **extra,
+            "tokens": s * self.r.stage.tokens_per_step, "elapsed_s": round(self.elapsed(), 3),
+            "tok_per_s": self.tok_s, "mfu": self.mfu,
+        })  # fmt: skip
+        self.pending, self.t_window, self.window_steps, self.window_compiles = [], now, 0, False
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def train_loop(
+    r: _Run, state: TrainState, manager: Any, elapsed_before: float
+) -> tuple[TrainState, _Outcome]:
+    """Steps until `schedule.max_steps` or a stop: each step's batch from the stage's hook, the
+    compiled step, metrics every `eval.log_interval`, evaluation and checkpoints at their
+    intervals. Ctrl-C saves and returns; a NaN sets aside the bad checkpoints and raises."""
+    exp, stage = r.exp, r.stage
     dropout_key = jax.random.fold_in(jax.random.key(exp.schedule.seed), 1)
-    schedule = lr_of(exp)
-
-    def evaluate(params: Params) -> dict[str, float]:
-        """Mean loss per split over its fixed batches, each weighted by the tokens it scores;
-        for the arithmetic demo also the greedy accuracy on 200 held-out problems."""
-        settled = sharding.settled  # one program at a time where collectives need it
-        out = {}
-        for split, fixed in eval_batches.items():
-            scored_N = [settled(eval_loss(params, b)) for b in fixed]
-            loss_N, weight_N = np.asarray(jax.device_get(scored_N)).T
-            out[f"{split}_loss"] = float((loss_N * weight_N).sum() / max(weight_N.sum(), 1.0))
-        if exp.data.source == "arithmetic" and jax.process_count() == 1:
-            from jaxgpt import arithmetic
-
-            scored = arithmetic.evaluate_model(params, config, tokenizer, n=HELD_OUT_EVAL)
-            out["held_out_acc"] = scored["accuracy"]
-        return out
-
-    flops_per_token = flops.flops_per_token(config, T, training=True)
-    peak, _ = flops.peak_flops(config.dtype)
-
-    metrics_path = run_dir / checkpoint.METRICS_FILE
-    start_step = int(state.step)
-    if main:
-        kept_rows = _read_metrics(metrics_path, start_step)
-        if changes:  # what this resume changed, so the curve's history stays readable
-            kept_rows.append({"kind": "resume", "step": start_step,
-                              "changed": {k: list(v) for k, v in changes.items()}})  # fmt: skip
-        text = "".join(json.dumps(r) + "\n" for r in kept_rows)
-        atomic.write_text(metrics_path, text)
-    metrics_file = metrics_path.open("a") if main else None
-
-    def log(row: dict) -> None:
-        if main:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-
-    step = start_step
-    pending: list[tuple[int, dict]] = []
+    step = start_step = int(state.step)
+    log = _MetricsLog(r, start_step, elapsed_before)
     last_eval: dict[str, float] = {}
-    last_loss = None
-    tok_s = mfu = None
-    t_start = time.perf_counter()
-    t_window, window_steps, window_compiles = t_start, 0, step == start_step
     interrupted = False
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t_start
-
-    def flush() -> None:
-        """Fetch the pending steps' metrics (one host sync), stop on NaN, write a log row."""
-        nonlocal pending, t_window, window_steps, window_compiles, last_loss, tok_s, mfu
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, fetched):
-            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-                manager.wait_until_finished()
-                raise _diverged(run_dir, s, float(m["loss"]), float(m["grad_norm"]), main)
-        now = time.perf_counter()
-        seconds = now - t_window
-        if not window_compiles and seconds > 0:
-            tok_s = window_steps * exp.tokens_per_step / seconds
-            mfu = tok_s * flops_per_token / peak
-        last_loss = float(np.mean([m["loss"] for m in fetched]))
-        s = pending[-1][0]
-        log({
-            "kind": "train", "step": s, "loss": last_loss,
-            "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(schedule(s - 1)),
-            "trained_tokens": int(fetched[-1]["trained_tokens"]),
-            "tokens": s * exp.tokens_per_step, "elapsed_s": round(elapsed(), 3),
-            "tok_per_s": tok_s, "mfu": mfu,
-        })  # fmt: skip
-        pending, t_window, window_steps, window_compiles = [], now, 0, False
-
     def save(with_metrics: bool) -> None:
-        flush()
-        loader = {"seed": exp.data.seed, "step": step, "elapsed_s": elapsed()}
-        checkpoint.save(manager, step, state, loader, dict(last_eval) if with_metrics else None)
+        log.flush(manager)
+        loader = {"seed": exp.data.seed, "step": step, "elapsed_s": log.elapsed(),
+                  **stage.loader_state()}  # fmt: skip
+        best = with_metrics and "val_loss" in last_eval  # kept as the best by its val loss
+        checkpoint.save(manager, step, state, loader, dict(last_eval) if best else None)
 
     bar = tqdm(
         total=exp.schedule.max_steps, initial=step, desc="train", unit="step",
-        disable=not progress, dynamic_ncols=True,
+        disable=not r.progress, dynamic_ncols=True,
     )  # fmt: skip
     try:
         with _StopFlag() as stop:
@@ -652,84 +866,120 @@ def run(
                 if stop.should_stop(step, every=exp.eval.log_interval):
                     interrupted = True
                     break
-                batch = jax.tree.map(
-                    lambda x: sharding.put_batch(x, train_sharding, (A, B, T + 1)),
-                    source.train(step, rows),
-                )
-                with jax.set_mesh(mesh):  # activates the model's sharding hints
-                    state, metrics = sharding.settled(step_fn(state, batch, dropout_key))
+                batch = stage.batch(step, state, r.config)
+                with jax.set_mesh(r.mesh):  # activates the model's sharding hints
+                    state, metrics = sharding.settled(r.step_fn(state, batch, dropout_key))
                 step += 1
-                window_steps += 1
-                pending.append((step, metrics))
+                log.add(step, metrics)
                 last_step = step == exp.schedule.max_steps
                 if step % exp.eval.log_interval == 0 or last_step:
-                    flush()
+                    log.flush(manager)
                     bar.update(step - bar.n)
-                    postfix = {"loss": f"{last_loss:.4f}"}
-                    if tok_s:
-                        postfix.update(tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
-                    if last_eval:
-                        postfix["val"] = f"{last_eval['val_loss']:.4f}"
-                    bar.set_postfix(postfix, refresh=True)
+                    bar.set_postfix(_postfix(stage, log, last_eval), refresh=True)
                 evaluated = step % exp.eval.interval == 0 or last_step
                 if evaluated:
-                    flush()
+                    log.flush(manager)
                     t0 = time.perf_counter()
-                    last_eval = evaluate(state.params)
-                    tokens = step * exp.tokens_per_step
-                    log({"kind": "eval", "step": step, **last_eval, "tokens": tokens,
-                         "elapsed_s": round(elapsed(), 3)})  # fmt: skip
-                    t_window += time.perf_counter() - t0  # eval time is not training throughput
+                    last_eval = stage.evaluate(state.params, r.config)
+                    log.write({"kind": "eval", "step": step, **last_eval,
+                               "tokens": step * stage.tokens_per_step,
+                               "elapsed_s": round(log.elapsed(), 3)})  # fmt: skip
+                    log.t_window += time.perf_counter() - t0  # eval time is not throughput
                 if step % exp.checkpoint.interval == 0 or last_step:
                     save(with_metrics=evaluated)
-                    t_window = time.perf_counter()
-            if interrupted and step > checkpoint_step(run_dir):
+                    log.t_window = time.perf_counter()
+            if interrupted and step > checkpoint_step(r.run_dir):
                 save(with_metrics=False)
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        manager.close()
+        log.close()
+    outcome = _Outcome(step, interrupted, last_eval, log.last.get("loss"), log.tok_s, log.mfu,
+                       log.elapsed())  # fmt: skip
+    return state, outcome
 
-    if not interrupted and not last_eval:  # resumed a finished run: report its losses anyway
-        last_eval = evaluate(state.params)
+
+def _postfix(stage: Stage, log: _MetricsLog, last_eval: dict[str, float]) -> dict[str, str]:
+    postfix = {k: f"{log.last[k]:.4f}" for k in stage.bar if k in log.last}
+    if log.tok_s:
+        postfix.update(tok_s=f"{log.tok_s:,.0f}", mfu=f"{100 * log.mfu:.1f}%")
+    if "val_loss" in last_eval:
+        postfix["val"] = f"{last_eval['val_loss']:.4f}"
+    if "held_out_acc" in last_eval:
+        postfix["held_out"] = f"{last_eval['held_out_acc']:.3f}"
+    return postfix
+
+
+def finish(r: _Run, state: TrainState, outcome: _Outcome, *, sample: bool) -> RunResult:
+    """The run's result; after a completed run also the plot, the stage's report.json and the
+    end-of-training sample (process 0)."""
+    exp, last_eval = r.exp, outcome.last_eval
+    if not outcome.interrupted and not last_eval:  # resumed a finished run: report it anyway
+        last_eval = r.stage.evaluate(state.params, r.config)
     result = RunResult(
-        run_dir=run_dir, step=step, interrupted=interrupted,
+        run_dir=r.run_dir, step=outcome.step, interrupted=outcome.interrupted,
         val_loss=last_eval.get("val_loss"), train_loss=last_eval.get("train_loss"),
-        tokens_seen=step * exp.tokens_per_step, wall_s=elapsed(), tokens_per_s=tok_s, mfu=mfu,
-        sample=None,
+        tokens_seen=outcome.step * r.stage.tokens_per_step, wall_s=outcome.wall_s,
+        tokens_per_s=outcome.tok_s, mfu=outcome.mfu, sample=None,
     )  # fmt: skip
-    if interrupted:
+    if outcome.interrupted:
         return result
-    sample = sample and exp.eval.sample_tokens > 0
-    chat = exp.data.format == "chat"
+    sample = sample and exp.eval.sample_tokens > 0 and r.config.head != "reward"
+    chat = exp.data.format in ("chat", "preference", "prompts")
     # Every process takes part in gathering the sharded weights; only process 0 samples and plots.
-    params = sharding.gather_to_host(state.params) if sample or chat else None
-    if not main:
+    params = sharding.gather_to_host(state.params) if sample or r.stage.report else None
+    if not r.main:
         return result
     from jaxgpt.plot import plot_run
 
-    plot_run(run_dir)
-    if chat:
-        result.report = write_report(run_dir, exp, result, params, config, tokenizer)
+    plot_run(r.run_dir)
+    if r.stage.report:
+        result.report = write_report(
+            r.run_dir, exp, result, params, r.config, r.stage.tokenizer, stage=r.stage.report,
+            last_eval=last_eval, **r.stage.report_options,
+        )  # fmt: skip
     if sample:
         make_sample = chat_sample if chat else end_of_training_sample
-        result.sample = make_sample(params, config, tokenizer, exp)
+        result.sample = make_sample(params, r.config, r.stage.tokenizer, exp)
     return result
 
 
 def write_report(
     run_dir: Path, exp: Experiment, result: RunResult, params: Params, config: GPTConfig,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer, *, stage: str = "sft", arithmetic_task: bool | None = None,
+    reference: Any = None, last_eval: dict | None = None, data_dir: Path | None = None,
 ) -> dict:  # fmt: skip
-    """The stage's figures in `run_dir/report.json`: losses, wall time and, for the arithmetic
-    demo, the greedy exact-match accuracy on 500 held-out problems (A ≡ B mod 7)."""
+    """The stage's figures in `run_dir/report.json`: the stage ("sft", "dpo", "reward", "ppo"),
+    losses, wall time and, for the arithmetic demo, the greedy exact-match
+    accuracy on 500 held-out problems (A ≡ B mod 7). A DPO stage adds the reward accuracy and
+    margin on the val pairs and, for the demo, the mean KL to the reference on answers to held-out
+    prompts (`jaxgpt.dpo.stage_figures`); a reward model, its pairwise accuracy on every val pair
+    and, for the demo, on pairs of held-out problems (`jaxgpt.reward_model.stage_figures`); PPO,
+    its last evaluation (held-out accuracy on 200 problems, the last rollout's reward and KL)."""
+    if arithmetic_task is None:
+        arithmetic_task = exp.data.source == "arithmetic"
     report = {
-        "stage": "sft", "experiment": exp.name, "steps": result.step,
+        "stage": stage, "experiment": exp.name, "steps": result.step,
         "train_wall_s": round(result.wall_s, 1), "val_loss": result.val_loss,
         "train_loss": result.train_loss,
     }  # fmt: skip
-    if exp.data.source == "arithmetic":
+    if stage == "dpo":
+        from jaxgpt import dpo
+
+        report["dpo"] = dpo.stage_figures(
+            exp, params, config, tokenizer, reference, last_eval or {},
+            arithmetic_task=arithmetic_task,
+        )  # fmt: skip
+    if stage == "ppo":
+        report["ppo"] = dict(last_eval or {})
+    if stage == "reward":
+        from jaxgpt import reward_model
+
+        report["reward"] = reward_model.stage_figures(
+            exp, params, config, tokenizer, data_dir, last_eval or {},
+            arithmetic_task=arithmetic_task,
+        )  # fmt: skip
+        arithmetic_task = False  # a reward model answers no problems
+    if arithmetic_task:
         from jaxgpt import arithmetic
 
         t0 = time.perf_counter()

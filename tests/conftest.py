@@ -90,3 +90,59 @@ def tiny_experiment_file(tmp_path, tiny_corpus):
         return path
 
     return write
+
+
+# --------------------------------------------------------------------------- RLHF fixtures
+
+TINY_PPO_EXPERIMENT = """
+from jaxgpt.experiment import *
+
+EXPERIMENT = Experiment(
+    name="tiny_ppo",
+    model=ModelSection(block_size=64, init={ref!r}, head="lm+value"),
+    data=DataSection(format="prompts", source="arithmetic", batch_size=8),
+    optim=OptimSection(lr=1e-3, weight_decay=0.0),
+    schedule=ScheduleSection(max_steps={steps}, warmup_steps=0, min_lr_ratio=1.0),
+    rl=RLSection(reference={ref!r}, reward_model={rm!r}, gen_tokens=8, epochs=2, minibatches=2),
+    eval=EvalSection(interval={steps}, log_interval=2, sample_tokens=8, temperature=0.0,
+                     sample_prompt="What is 1 + 2?"),
+    checkpoint=CheckpointSection(interval={steps}, keep=2),
+)
+"""
+
+
+def arithmetic_chars() -> str:
+    """The characters of the arithmetic chat demo's conversations."""
+    from jaxgpt import arithmetic
+
+    conversations = arithmetic.training_conversations(300, seed=0)
+    return "".join(sorted({ch for c in conversations for m in c for ch in m["content"]}))
+
+
+def write_tiny_run(path, head="lm", *, chars=None, nan=False, seed=0):
+    """A jaxgpt run directory holding a random tiny chat model (2 layers, width 32, context 64)
+    with `head`, its tokenizer the demo's characters (or `chars`) plus the chat tokens; with
+    `nan` its weights are all NaN. Returns the path."""
+    from jaxgpt import chat, checkpoint
+    from jaxgpt.experiment import DataSection, Experiment, ModelSection, ScheduleSection
+    from jaxgpt.optim import make_optimizer
+    from jaxgpt.params import init_params
+    from jaxgpt.tokenizer import CharTokenizer
+    from jaxgpt.train import init_train_state
+
+    tokenizer = chat.with_chat_tokens(CharTokenizer(chars or arithmetic_chars()))
+    model = ModelSection(n_layer=2, n_head=2, n_embd=32, block_size=64, head=head)
+    data = DataSection(format="preference" if head == "reward" else "chat", source="arithmetic")
+    exp = Experiment(name="tiny_chat", model=model, data=data,
+                     schedule=ScheduleSection(max_steps=1, warmup_steps=0))  # fmt: skip
+    config = exp.gpt_config(tokenizer.n_vocab)
+    params = init_params(config, jax.random.key(seed))
+    if nan:
+        params = jax.tree.map(lambda x: x * np.nan, params)
+    state = init_train_state(params, make_optimizer(exp.optim, exp.schedule))
+    path.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_run_files(path, exp.to_dict(), config, tokenizer)
+    manager = checkpoint.open_manager(path)
+    checkpoint.save(manager, 1, state, {"seed": 0, "step": 1, "elapsed_s": 0.0})
+    manager.close()
+    return path

@@ -26,7 +26,8 @@ from jaxgpt.experiment import load_experiment
 from jaxgpt.params import init_params
 from jaxgpt.pretrained import save_hf
 from jaxgpt.train import run
-from tests.conftest import TINY_EXPERIMENT
+from tests.conftest import TINY_EXPERIMENT, TINY_PPO_EXPERIMENT, write_tiny_run
+from tests.test_reward_model import reward_run_from
 
 # Run a command with the `hf` extra's packages made unimportable (as on `pip install jaxgpt`).
 WITHOUT_HF = (
@@ -52,6 +53,7 @@ def case(name, argv, message, keeps=(), without_hf=False) -> Case:
 
 
 RUN = ("run",)
+PPO = ("ref", "ppo_rm")  # the frozen models a PPO run reads
 # fmt: off
 CASES = [
     # prepare
@@ -93,6 +95,17 @@ CASES = [
          "--data-dir {w}/data", "experiment.json", ("run_notjson",)),
     case("train-fresh-bad-init", "train {w}/tiny.py --out {w}/run --data-dir {w}/data --fresh "
          "--set model.init={w}/typo", "model.init", RUN),
+    # train a PPO policy (data.format=prompts): its frozen models are checked before any write
+    case("train-ppo-no-reference", "train {w}/ppo.py --out {w}/ppo_run --set rl.reference=",
+         "needs a reference policy", PPO),
+    case("train-ppo-rm-tokenizer", "train {w}/ppo.py --out {w}/ppo_run "
+         "--set rl.reward_model={w}/rm_other", "another tokenizer", PPO),
+    case("train-ppo-rm-as-policy", "train {w}/ppo.py --out {w}/ppo_run --set model.init={w}/ppo_rm",
+         "is a reward model; it cannot start a PPO policy", PPO),
+    case("train-ppo-policy-as-rm", "train {w}/ppo.py --out {w}/ppo_run "
+         "--set rl.reward_model={w}/ref", "it must be a reward model", PPO),
+    case("train-ppo-rm-as-reference", "train {w}/ppo.py --out {w}/ppo_run "
+         "--set rl.reference={w}/ppo_rm", "rl.reference", PPO),
     # eval
     case("eval-json-missing-dir", "eval --model {w}/run --data {w}/data/tiny "
          "--json {w}/nope/out.json", "does not exist", RUN),
@@ -100,6 +113,11 @@ CASES = [
     case("chat-no-chat-tokens", "chat --model {w}/run --prompt hi", "no chat tokens", RUN),
     case("chat-input-missing", "chat --model {w}/run --input {w}/nope.jsonl --output "
          "{w}/answers.jsonl", "is not a file", RUN),
+    # pairs
+    case("pairs-no-chat-tokens", "pairs --model {w}/run --out {w}/pairs.jsonl --n-prompts 2",
+         "no chat tokens", RUN),
+    case("pairs-samples-1", "pairs --model {w}/run --out {w}/pairs.jsonl --samples 1",
+         "--samples must be at least 2"),
     # explore
     case("explore-missing-model", "explore --model {w}/nowhere", "does not exist"),
     # launch
@@ -148,6 +166,17 @@ CASES = [
     case("bench-unknown-preset", "bench forward --model gpt3", "unknown preset"),
     case("bench-seq-too-long", "bench forward --seq 100000", "--seq 100000 is too long"),
     case("bench-steps", "bench forward --steps 0", "--steps"),
+    # score: a reward model's scores; a policy, bad lines and unencodable text are refused
+    case("score-policy-as-reward-model", "score --model {w}/run --input {w}/pairs.jsonl",
+         "this command needs a reward model", RUN),
+    case("score-missing-rejected", "score --model {w}/rm --input {w}/pairs_missing.jsonl",
+         'pairs_missing.jsonl:2: missing "rejected"', ("rm",)),
+    case("score-other-tokenizer", "score --model {w}/rm --input {w}/pairs_euro.jsonl",
+         "pairs_euro.jsonl:1: the reward model's char tokenizer cannot encode", ("rm",)),
+    case("score-input-missing", "score --model {w}/rm --input {w}/nope.jsonl", "is not a file",
+         ("rm",)),
+    case("score-output-missing-dir", "score --model {w}/rm --input {w}/pairs.jsonl --output "
+         "{w}/nowhere/scores.jsonl", "does not exist", ("rm",)),
 ]
 # fmt: on
 
@@ -188,6 +217,21 @@ def _build_world(w: Path, corpus: Path) -> None:
     shutil.copytree(w / "hf", w / "hf_truncated")
     weights = w / "hf_truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    reward_run_from(w / "run", w / "rm")  # a reward model started from the run (not trained)
+    pair = {"prompt": "To be", "chosen": "or not", "rejected": "to be"}
+    for name, lines in [
+        ("pairs", [pair]),
+        ("pairs_missing", [pair, {"prompt": "To be", "chosen": "or not"}]),
+        ("pairs_euro", [{**pair, "chosen": "or \u20ac"}]),
+    ]:
+        (w / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    write_tiny_run(w / "ref", "lm")
+    write_tiny_run(w / "ppo_rm", "reward", seed=1)
+    write_tiny_run(w / "rm_other", "reward", chars="0123456789+= ")
+    ppo = TINY_PPO_EXPERIMENT.format(ref=str(w / "ref"), rm=str(w / "ppo_rm"), steps=2)
+    (w / "ppo.py").write_text(ppo)
 
     shutil.copy(corpus, w / "corpus.txt")
     (w / "latin1.txt").write_bytes("Romeo\n caf\u00e9\n".encode("latin-1"))  # é at byte 10

@@ -15,8 +15,8 @@ from jaxgpt.errors import JaxgptError
 
 # Subcommand modules, in the order `jaxgpt --help` lists them.
 COMMANDS = (
-    "prepare", "train", "launch", "eval", "sample", "chat", "trace", "explore", "plot", "params",
-    "bench",
+    "prepare", "train", "launch", "eval", "sample", "chat", "pairs", "score", "trace", "explore",
+    "plot", "params", "bench",
 )  # fmt: skip
 
 

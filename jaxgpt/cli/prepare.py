@@ -1,5 +1,6 @@
 """`jaxgpt prepare SOURCE OUT_DIR`: tokenise a corpus into train.bin / val.bin / meta.json, or
-(`--format chat`) render a chat data set into token, mask and offset files."""
+(`--format chat`) render a chat data set into token, mask and offset files, or
+(`--format preference`) render chosen/rejected pairs (`jaxgpt.preferences`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from jaxgpt.data import BUNDLED, ENCODING_ERRORS, prepare
+from jaxgpt.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,14 +20,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "in pieces. Pieces go to train or val by a seeded draw, so the split is reproducible. "
         "With --format chat, SOURCE is a .jsonl chat data set (or a directory of them, or "
         "'arithmetic' for the generated demo): each conversation is rendered with the chat "
-        "tokens and the mask of what the assistant says (docs/chat.md).",
+        "tokens and the mask of what the assistant says (docs/chat.md). With --format preference, "
+        'SOURCE is a .jsonl file of {"prompt", "chosen", "rejected"} lines (or a '
+        "directory of them); all pairs of a prompt go to one split.",
     )
     parser.add_argument("source", metavar="SOURCE", help=f"{BUNDLED!r}, a .txt file or a dir")
     parser.add_argument("out", metavar="OUT_DIR", type=Path, help="where the token files go")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
     parser.add_argument(
-        "--format", choices=["text", "chat"], default="text",
-        help="'text': a corpus trained on every token (default); 'chat': conversations",
+        "--tokenizer-of", metavar="RUN", default=None,
+        help="chat/preference data: use this training run's tokenizer (data to fine-tune it on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--format", choices=["text", "chat", "preference"], default="text",
+        help="'text': a corpus trained on every token (default); 'chat': conversations; "
+        "'preference': prompts with a chosen and a rejected answer (for DPO)",
     )  # fmt: skip
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (0.1)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (0)")
@@ -42,11 +51,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    tokenizer = args.tokenizer
+    if args.tokenizer_of is not None:
+        if args.format == "text":
+            raise InputError("--tokenizer-of is for --format chat or preference")
+        from jaxgpt.checkpoint import is_run_dir, load_tokenizer
+
+        if not is_run_dir(args.tokenizer_of):
+            raise InputError(f"--tokenizer-of {args.tokenizer_of}: not a jaxgpt run directory")
+        tokenizer = load_tokenizer(args.tokenizer_of)
+    if args.format == "preference":
+        from jaxgpt.preferences import prepare_preferences
+
+        meta = prepare_preferences(
+            args.source, args.out, tokenizer=tokenizer, val_fraction=args.val_fraction,
+            split_seed=args.split_seed, progress=not args.quiet,
+        )  # fmt: skip
+        print(
+            f"{args.out}: {meta['train_pairs']:,} train pairs ({meta['train_prompts']:,} "
+            f"prompts) and {meta['val_pairs']:,} val pairs ({meta['val_prompts']:,} prompts), "
+            f"{meta['tokenizer']} tokens, vocabulary {meta['vocab_size']}"
+        )
+        return 0
     if args.format == "chat":
         from jaxgpt.chat_data import prepare_chat
 
         meta = prepare_chat(
-            args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+            args.source, args.out, tokenizer=tokenizer, val_fraction=args.val_fraction,
             split_seed=args.split_seed, progress=not args.quiet,
         )  # fmt: skip
         show_first_conversation(args.out)
