@@ -163,11 +163,14 @@ class DPOSection:
         policy starts from).
       reference_logprobs: "precomputed" (every training pair scored once when the run starts) or
         "on_the_fly" (each batch scored as it is drawn: no table, one more forward per step).
+      nll_weight: adds this multiple of the chosen answers' negative log-likelihood per token
+        to the loss (0 = plain DPO); see `jaxgpt.objectives.dpo`.
     """
 
     beta: float = 0.1
     reference: str = ""
     reference_logprobs: str = "precomputed"
+    nll_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +345,9 @@ def validate(exp: Experiment) -> None:
     beta = exp.dpo.beta
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
         raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta!r}")
+    nll = exp.dpo.nll_weight
+    if not isinstance(nll, (int, float)) or isinstance(nll, bool) or not 0 <= nll < math.inf:
+        raise ConfigError(f"dpo.nll_weight must be a finite number >= 0, got {nll!r}")
     if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:
         raise ConfigError(
             f"dpo.reference_logprobs must be one of {REFERENCE_LOGPROBS}, got "

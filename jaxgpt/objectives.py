@@ -122,6 +122,7 @@ def dpo(
     key: jax.Array | None,
     *,
     beta: float = 0.1,
+    nll_weight: float = 0.0,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """DPO on a batch of preference pairs: `dpo_loss` of the sequence log-probabilities.
 
@@ -131,7 +132,10 @@ def dpo(
     log-probability is the sum over the answer's tokens, `t` with `mask[t] = 1`, of
     `log p(token t | tokens before it)`. Both sides go through the model as one `[2B, T]` batch.
     DPO runs without dropout (`key` is ignored), so that the policy's log-probabilities are
-    computed as the reference's were. Returns (mean loss over the B pairs, (B, metrics)).
+    computed as the reference's were. `nll_weight` > 0 adds that multiple of the chosen answers'
+    mean negative log-likelihood per token (DPO + NLL, "RPO": it keeps DPO from lowering the
+    chosen answers' probability along with the rejected ones'). Returns (mean loss over the B
+    pairs, (B, metrics)).
     """
     del key
     B = batch["chosen"].shape[0]
@@ -144,27 +148,31 @@ def dpo(
     # Mean of log π - log π_ref over the chosen answers: how far the policy has moved from the
     # reference on them (its expectation under π would be the KL).
     metrics["logratio_chosen"] = (policy_2B[:B] - ref_2B[:B]).mean()
-    return loss, (jnp.float32(B), metrics)
+    chosen_tokens = jnp.maximum(weights_2BT[:B].sum(), 1).astype(jnp.float32)
+    metrics["nll_chosen"] = -policy_2B[:B].sum() / chosen_tokens
+    metrics["dpo_loss"] = loss
+    return loss + nll_weight * metrics["nll_chosen"], (jnp.float32(B), metrics)
 
 
 OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft, "dpo": dpo}
 
 
-def get_objective(name: str, *, beta: float | None = None) -> Objective:
-    """The objective registered as `name`; for "dpo", with `beta` (default 0.1) bound.
+def get_objective(name: str, *, beta: float | None = None, nll_weight: float = 0.0) -> Objective:
+    """The objective registered as `name`; for "dpo", with `beta` (default 0.1) and
+    `nll_weight` (default 0) bound.
 
     The same settings give the same function object, so the compiled step is reused.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    if name == "dpo" and beta is not None:
-        return _dpo_with(float(beta))
+    if name == "dpo" and (beta is not None or nll_weight):
+        return _dpo_with(0.1 if beta is None else float(beta), float(nll_weight))
     return OBJECTIVES[name]
 
 
 @functools.cache
-def _dpo_with(beta: float) -> Objective:
-    return functools.partial(dpo, beta=beta)
+def _dpo_with(beta: float, nll_weight: float) -> Objective:
+    return functools.partial(dpo, beta=beta, nll_weight=nll_weight)
 
 
 def split_aux(aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -559,7 +559,7 @@ def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) 
         options = dpo.source_options(exp, reference, progress=progress)
     source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
     objective_name = "reward" if reward_stage else source.objective
-    objective = get_objective(objective_name, beta=exp.dpo.beta)
+    objective = get_objective(objective_name, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight)
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     rows = sharding.host_rows(B)  # this process reads only its share of every batch
     train_sharding = sharding.batch_sharding(mesh, accum=True)

@@ -85,6 +85,12 @@ def test_dpo_objective_equals_numpy_on_transformers_logprobs(hf_tiny, tmp_path):
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-4, atol=1e-5)
     assert float(metrics["reward_accuracy"]) == pytest.approx(want_acc)
     assert abs(want_loss - np.log(2)) > 1e-2  # the two models differ: a non-trivial value
+    # DPO + NLL: plus the chosen answers' negative log-likelihood per answer token.
+    with_nll, _ = jax.jit(get_objective("dpo", beta=beta, nll_weight=0.3), static_argnums=2)(
+        params, batch, config, None
+    )
+    nll = -seq(policy_hf, "chosen").sum() / batch["chosen_mask"][:, 1:].sum()
+    np.testing.assert_allclose(float(with_nll), want_loss + 0.3 * nll, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- DPO runs
