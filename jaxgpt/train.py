@@ -220,10 +220,7 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
                 f"data.tokenizer is {d.tokenizer!r}"
             )
         return data_dir
-    want = {
-        "version": data.META_VERSION, "tokenizer": d.tokenizer, "source": d.source,
-        "val_fraction": d.val_fraction, "split_seed": d.split_seed, "split_chunk": d.split_chunk,
-    }  # fmt: skip
+    want = data.wanted_settings(d.tokenizer, d.source, d.val_fraction, d.split_seed, d.split_chunk)
     if (data_dir / "meta.json").is_file():
         try:
             if data.split_settings(data.load_meta(data_dir)) == want:
