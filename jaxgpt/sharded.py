@@ -167,8 +167,7 @@ def _ordered(chunks, work, workers: int):
     if workers == 1:
         yield from map(work, chunks)
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    context = multiprocessing.get_context(_start_method())
     with context.Pool(workers, initializer=_init_worker) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
@@ -177,6 +176,18 @@ def _ordered(chunks, work, workers: int):
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def _start_method() -> str:
+    """ "fork" (workers start at once) unless JAX has started its threads in this process (as in
+    `jaxgpt train`): forking a multithreaded process can deadlock, so then "forkserver" (workers
+    fork from a fresh process that imports jaxgpt once, a second or two)."""
+    from jax._src import xla_bridge  # no public way to ask
+
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and not xla_bridge.backends_are_initialized():
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
 
 
 class _Work:
@@ -233,8 +244,13 @@ def prepare_shards(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         state = {"next_chunk": 0, "counts": _zero_counts(), "splits": {s: None for s in SPLITS}}
-    elif progress:
-        print(f"resuming an interrupted prepare at chunk {state['next_chunk']}", file=sys.stderr)
+    else:
+        done = sum(len(x["shards"]) for x in state["splits"].values())
+        print(
+            f"resuming an interrupted prepare at chunk {state['next_chunk']} ({done} shard(s) "
+            f"already complete in {partial})",
+            file=sys.stderr,
+        )
     writers = {s: ShardWriter(partial, s, shard_tokens, state["splits"][s]) for s in SPLITS}
     counts = state["counts"]
     start, bar = time.perf_counter(), tqdm(
