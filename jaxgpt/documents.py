@@ -179,7 +179,8 @@ def _parquet_parts(path: Path, field: str) -> Iterator[Part]:
     except InputError:
         raise
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise InputError(f"{path}: not a readable Parquet file ({err})") from err
+        detail = " ".join(str(err).split())  # pyarrow's messages span lines
+        raise InputError(f"{path}: not a readable Parquet file ({detail})") from err
 
 
 # --------------------------------------------------------------------------- parsing (in workers)
