@@ -227,11 +227,12 @@ def prepare(
 
         files = corpus_files(source) if str(source) == BUNDLED else documents.document_files(source)
         out = _data_directory(out_dir)
-        return sharded.prepare_shards(
-            source, out, files=files, field=field, missing=missing, errors=errors,
-            val_fraction=val_fraction, split_seed=split_seed, workers=workers,
-            shard_tokens=shard_tokens, chunk_bytes=chunk_bytes, progress=progress,
-        )  # fmt: skip
+        with sharded.exclusive(out):
+            return sharded.prepare_shards(
+                source, out, files=files, field=field, missing=missing, errors=errors,
+                val_fraction=val_fraction, split_seed=split_seed, workers=workers,
+                shard_tokens=shard_tokens, chunk_bytes=chunk_bytes, progress=progress,
+            )  # fmt: skip
     files = corpus_files(source)
     replaced = check_utf8(files, errors)
     if replaced:

@@ -20,12 +20,15 @@ OUT and `meta.json` is written last, so OUT holds the previous data until the ne
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from jaxgpt import atomic, documents, shards
 from jaxgpt.errors import InputError
+from jaxgpt.tokenizer import get_tokenizer
 
 SHARDS_VERSION = 2  # meta.json "version" of sharded data (the char pipeline writes version 1)
 EOT = 50256
@@ -53,22 +57,18 @@ class Tokenized(NamedTuple):
     nbytes: int
 
 
-_ENCODE = None  # the tokenizer's encode_ordinary, set once per worker process
-
-
 def _init_worker() -> None:
-    global _ENCODE
-    from jaxgpt.tokenizer import get_tokenizer
-
-    _ENCODE = get_tokenizer("gpt2").encode_ordinary
+    # Ctrl-C reaches the whole process group: the main process stops the pool and keeps the
+    # checkpoint; workers ignore it rather than each printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    get_tokenizer("gpt2")  # built once per process (cached), before the first chunk arrives
 
 
 def tokenize_chunk(parts: list, field: str, missing: str, errors: str) -> Tokenized:
     """Parse and tokenise one chunk (runs in a worker process)."""
-    if _ENCODE is None:
-        _init_worker()
+    encode = get_tokenizer("gpt2").encode_ordinary
     docs = documents.chunk_documents(parts, field, missing, errors)
-    ids = [_ENCODE(text) for text in docs.texts]
+    ids = [encode(text) for text in docs.texts]
     doc_lens = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
     tokens = np.empty(int(doc_lens.sum()), np.uint16)
     start = 0
@@ -151,6 +151,26 @@ class ShardWriter:
 
 
 # --------------------------------------------------------------------------- the pipeline
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold an advisory lock on the directory `out` (released when the process ends, however it
+    ends): a second prepare into the same directory is an error, not a corrupted resume."""
+    try:
+        import fcntl
+    except ImportError:  # not on this platform: no lock
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise InputError(f"another jaxgpt prepare is writing into {out}; wait for it") from err
+        yield
+    finally:
+        os.close(fd)
 
 
 def default_workers() -> int:
