@@ -330,8 +330,11 @@ def test_llmc_shard_directory_is_training_data(tmp_path):
 def test_a_second_prepare_into_the_same_directory_is_refused(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", make_docs(10))
     (tmp_path / "out").mkdir()
-    with sharded.exclusive(tmp_path / "out"):  # as another process writing there would hold it
-        with pytest.raises(InputError, match="another jaxgpt prepare is writing into"):
-            prepare(path, tmp_path / "out", tokenizer="gpt2", workers=1, progress=False)
+    # Held here as another process writing there would hold it.
+    with (
+        sharded.exclusive(tmp_path / "out"),
+        pytest.raises(InputError, match="another jaxgpt prepare is writing into"),
+    ):
+        prepare(path, tmp_path / "out", tokenizer="gpt2", workers=1, progress=False)
     assert not list((tmp_path / "out").iterdir())
     prepare(path, tmp_path / "out", tokenizer="gpt2", workers=1, progress=False)
