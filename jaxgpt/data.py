@@ -484,6 +484,23 @@ def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:
         )
 
 
+def document_starts(tokens: np.ndarray, eot: int, block_size: int, split: str) -> np.ndarray:
+    """The positions of `eot` in `tokens` (where each document begins, its marker prepended)
+    at which a whole window of `block_size + 1` tokens fits; int64, ascending."""
+    found, block = [], 1 << 24
+    for offset in range(0, len(tokens), block):  # streamed: the split may be many shards
+        found.append(np.flatnonzero(tokens[offset : offset + block] == eot) + offset)
+    starts = np.concatenate(found) if found else np.zeros(0, np.int64)
+    starts = starts[starts <= len(tokens) - block_size - 1]
+    if not len(starts):
+        raise InputError(
+            f"the {split} split has no document start (<|endoftext|>, {eot}) with a whole window "
+            f"of block_size + 1 = {block_size + 1} tokens after it, so data.align_documents "
+            f"cannot be used; prepare the data with `jaxgpt prepare --tokenizer gpt2`"
+        )
+    return starts
+
+
 def get_batch(
     tokens: np.ndarray,
     batch_size: int,
@@ -493,16 +510,21 @@ def get_batch(
     *,
     accum: int = 1,
     rows: tuple[int, int] | None = None,
+    starts: np.ndarray | None = None,
 ) -> np.ndarray:
     """`[accum, batch_size, block_size + 1]` int32 windows drawn uniformly from `tokens`.
 
     The draw is a pure function of (seed, step): inputs are `[..., :-1]`, targets `[..., 1:]`.
+    With `starts` (`document_starts`), windows begin only at those positions, drawn uniformly.
     With `rows=(start, stop)` only those rows of each micro-batch are read (a host's share of the
     global batch in a multi-process run): the result is `[accum, stop - start, block_size + 1]`,
     equal to the same slice of the whole batch.
     """
     rng = np.random.default_rng([seed, step])
-    starts_AB = rng.integers(0, len(tokens) - block_size, size=(accum, batch_size))
+    if starts is None:
+        starts_AB = rng.integers(0, len(tokens) - block_size, size=(accum, batch_size))
+    else:
+        starts_AB = starts[rng.integers(0, len(starts), size=(accum, batch_size))]
     if rows is not None:
         starts_AB = starts_AB[:, rows[0] : rows[1]]
     windows = np.stack([tokens[s : s + block_size + 1] for s in starts_AB.reshape(-1)])

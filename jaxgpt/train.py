@@ -468,7 +468,7 @@ def run(
     data_dir = sharding.main_first(lambda: ensure_data(exp, data_root, progress=progress))
     meta = data.load_meta(data_dir)
     T, B, A = exp.model.block_size, exp.data.batch_size, exp.optim.grad_accum
-    source = batches.make_source(data_dir, B, T, A, exp.data.seed)
+    source = batches.make_source(data_dir, B, T, A, exp.data.seed, exp.data.align_documents)
     objective = get_objective(source.objective)
     tokenizer = batches.tokenizer_of(meta)
     if sample and exp.eval.sample_tokens > 0:

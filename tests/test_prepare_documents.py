@@ -14,7 +14,7 @@ import pytest
 
 from jaxgpt import atomic, batches, documents, sharded
 from jaxgpt.data import get_batch, load_meta, load_tokens, prepare
-from jaxgpt.errors import InputError, MissingExtraError
+from jaxgpt.errors import ConfigError, InputError, MissingExtraError
 from jaxgpt.shards import TokenStream, read_shard
 from jaxgpt.tokenizer import get_tokenizer
 from tests.test_shards import llmc_shard
@@ -338,3 +338,27 @@ def test_a_second_prepare_into_the_same_directory_is_refused(tmp_path):
         prepare(path, tmp_path / "out", tokenizer="gpt2", workers=1, progress=False)
     assert not list((tmp_path / "out").iterdir())
     prepare(path, tmp_path / "out", tokenizer="gpt2", workers=1, progress=False)
+
+
+def test_windows_aligned_to_document_starts(tmp_path, tiny_corpus):
+    path = write_jsonl(tmp_path / "a.jsonl", make_docs(200))
+    prepare(path, tmp_path / "d", tokenizer="gpt2", workers=1, shard_tokens=500, progress=False)
+    stream = load_tokens(tmp_path / "d", "train")
+    source = batches.text_source(tmp_path / "d", 8, 16, accum=2, seed=0, align_documents=True)
+    whole = np.asarray(stream)
+    eots = np.flatnonzero(whole == EOT)
+    firsts = set()
+    for step in range(5):
+        batch = source.train(step, None)
+        assert batch.shape == (2, 8, 17) and np.all(batch[..., 0] == EOT)
+        for window in batch.reshape(-1, 17):  # each is the stream at one of its EOT positions
+            hits = [s for s in eots if np.array_equal(whole[s : s + 17], window)]
+            assert hits
+            firsts.update(hits)
+    assert len(firsts) > 20  # spread over many documents, not one
+    np.testing.assert_array_equal(source.train(3, None), source.train(3, None))  # pure in step
+    assert np.all(source.evaluate("val", 0, None)[:, 0] == EOT)
+    # Character data has no document marker: a clear error.
+    prepare(tiny_corpus, tmp_path / "c", split_chunk=1024, progress=False)
+    with pytest.raises(ConfigError, match="align_documents needs documents"):
+        batches.text_source(tmp_path / "c", 8, 16, accum=1, seed=0, align_documents=True)
