@@ -259,18 +259,7 @@ def prepare_shards(
         "split_seed": split_seed, "shard_tokens": shard_tokens, "chunk_bytes": chunk_bytes,
     }  # fmt: skip
     partial = out / PARTIAL
-    state = _resume_state(partial, settings)
-    if state is None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        state = {"next_chunk": 0, "counts": _zero_counts(), "splits": {s: None for s in SPLITS}}
-    else:
-        done = sum(len(x["shards"]) for x in state["splits"].values())
-        print(
-            f"resuming an interrupted prepare at chunk {state['next_chunk']} ({done} shard(s) "
-            f"already complete in {partial})",
-            file=sys.stderr,
-        )
+    state = _start_or_resume(partial, settings)
     writers = {s: ShardWriter(partial, s, shard_tokens, state["splits"][s]) for s in SPLITS}
     counts = state["counts"]
     start, bar = time.perf_counter(), tqdm(
@@ -278,9 +267,11 @@ def prepare_shards(
         leave=False,
     )  # fmt: skip
 
+    resume_at = state["next_chunk"]
+
     def chunks():
         for i, parts in enumerate(documents.read_chunks(files, chunk_bytes, field)):
-            if i >= state["next_chunk"]:
+            if i >= resume_at:
                 yield i, parts
             else:  # already in the shards of the interrupted prepare
                 bar.update(sum(p.nbytes for p in parts))
@@ -316,6 +307,45 @@ def prepare_shards(
             f"several files, or into the lines of a .jsonl)"
         )
     lists = {s: w.close() for s, w in writers.items()}
+    _warn(counts, field)
+    meta = {
+        "version": SHARDS_VERSION, "format": "shards", "tokenizer": "gpt2", "vocab_size": EOT + 1,
+        "dtype": "uint16", "eot": EOT, "eot_placement": "prepend",
+        **{k: counts[k] for k in ("train_tokens", "val_tokens", "train_documents",
+                                  "val_documents")},
+        "skipped_documents": counts["skipped"], "replaced_invalid_utf8": counts["replaced"],
+        "shards": lists, "source": str(source),
+        "files": [{"name": str(f), "bytes": f.stat().st_size} for f in files],
+        **{k: settings[k] for k in ("field", "missing", "val_fraction", "split_seed",
+                                    "shard_tokens", "chunk_bytes")},
+        "split_chunk": None,
+    }  # fmt: skip
+    _commit(partial, out, meta)
+    return meta
+
+
+def _start_or_resume(partial: Path, settings: dict) -> dict:
+    """The checkpoint of an interrupted prepare with exactly these settings (said on stderr), or
+    a fresh start in an emptied `partial` folder."""
+    try:
+        state = json.loads((partial / STATE).read_text())
+    except (OSError, ValueError):
+        state = None
+    if state is None or state.get("settings") != settings:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        return {"next_chunk": 0, "counts": _zero_counts(), "splits": dict.fromkeys(SPLITS)}
+    done = sum(len(x["shards"]) for x in state["splits"].values())
+    print(
+        f"resuming an interrupted prepare at chunk {state['next_chunk']} ({done} shard(s) "
+        f"already complete in {partial})",
+        file=sys.stderr,
+    )
+    return state
+
+
+def _warn(counts: dict, field: str) -> None:
+    """Say what was skipped or replaced (also recorded in meta.json)."""
     if counts["skipped"]:
         print(
             f"warning: skipped {counts['skipped']:,} line(s) without a {field!r} field "
@@ -328,34 +358,11 @@ def prepare_shards(
             f"(errors='replace')",
             file=sys.stderr,
         )
-    meta = {
-        "version": SHARDS_VERSION, "format": "shards", "tokenizer": "gpt2", "vocab_size": EOT + 1,
-        "dtype": "uint16", "eot": EOT, "eot_placement": "prepend",
-        "train_tokens": counts["train_tokens"], "val_tokens": counts["val_tokens"],
-        "train_documents": counts["train_documents"], "val_documents": counts["val_documents"],
-        "skipped_documents": counts["skipped"], "replaced_invalid_utf8": counts["replaced"],
-        "shards": lists, "source": str(source),
-        "files": [{"name": str(f), "bytes": f.stat().st_size} for f in files],
-        "field": field, "missing": missing, "val_fraction": val_fraction,
-        "split_seed": split_seed, "split_chunk": None, "shard_tokens": shard_tokens,
-        "chunk_bytes": chunk_bytes,
-    }  # fmt: skip
-    _commit(partial, out, meta)
-    return meta
 
 
 def _zero_counts() -> dict[str, Any]:
     names = ("train_tokens", "val_tokens", "train_documents", "val_documents", "skipped")
     return {**dict.fromkeys(names, 0), "replaced": 0, "first_skipped": None}
-
-
-def _resume_state(partial: Path, settings: dict) -> dict | None:
-    """The checkpoint of an interrupted prepare with exactly these settings, or None."""
-    try:
-        state = json.loads((partial / STATE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if state.get("settings") == settings else None
 
 
 def _add_chunk(
