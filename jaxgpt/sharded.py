@@ -292,9 +292,14 @@ def prepare_shards(
             w.handle.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    except BaseException:  # interrupted: the last checkpoint stays, to resume from
+    except BaseException as err:  # interrupted: the last checkpoint stays, to resume from
         for w in writers.values():
             w.handle.close()
+        if isinstance(err, OSError):  # a full disk, ...: free space, then run it again
+            raise InputError(
+                f"cannot write the prepared data to {partial}: {err.strerror or err}; the "
+                f"complete shards stay there and a rerun resumes from them"
+            ) from err
         raise
     documents_total = counts["train_documents"] + counts["val_documents"]
     if documents_total < 2:

@@ -362,3 +362,25 @@ def test_windows_aligned_to_document_starts(tmp_path, tiny_corpus):
     prepare(tiny_corpus, tmp_path / "c", split_chunk=1024, progress=False)
     with pytest.raises(ConfigError, match="align_documents needs documents"):
         batches.text_source(tmp_path / "c", 8, 16, accum=1, seed=0, align_documents=True)
+
+
+def test_a_full_disk_is_one_clear_error_and_resumable(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "a.jsonl", make_docs(300))
+    settings = dict(tokenizer="gpt2", workers=1, chunk_bytes=1000, shard_tokens=700,
+                    progress=False)  # fmt: skip
+    calls, original = [], sharded.ShardWriter.write
+
+    def full(self, tokens):
+        calls.append(1)
+        if len(calls) == 30:
+            raise OSError(28, "No space left on device")
+        return original(self, tokens)
+
+    monkeypatch.setattr(sharded.ShardWriter, "write", full)
+    with pytest.raises(InputError, match="cannot write .* No space left on device; the complete"):
+        prepare(path, tmp_path / "out", **settings)
+    assert (tmp_path / "out" / sharded.PARTIAL / sharded.STATE).exists()
+    monkeypatch.undo()
+    prepare(path, tmp_path / "out", **settings)
+    prepare(path, tmp_path / "whole", **settings)
+    assert hashes(tmp_path / "out") == hashes(tmp_path / "whole")
