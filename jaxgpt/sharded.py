@@ -187,6 +187,7 @@ def _ordered(chunks, work, workers: int):
     if workers == 1:
         yield from map(work, chunks)
         return
+    get_tokenizer("gpt2")  # built (and cached) once here: forked workers inherit it
     context = multiprocessing.get_context(_start_method())
     with context.Pool(workers, initializer=_init_worker) as pool:
         pending: collections.deque = collections.deque()
