@@ -233,6 +233,13 @@ def prepare(
                 val_fraction=val_fraction, split_seed=split_seed, workers=workers,
                 shard_tokens=shard_tokens, chunk_bytes=chunk_bytes, progress=progress,
             )  # fmt: skip
+    from jaxgpt.documents import file_format
+
+    if file_format(source) not in (None, ".txt"):
+        raise InputError(
+            f"{source} is a {file_format(source)} corpus of documents: prepare it with --tokenizer "
+            f"gpt2 (data.tokenizer='gpt2'); the char tokenizer reads .txt files"
+        )
     files = corpus_files(source)
     replaced = check_utf8(files, errors)
     if replaced:

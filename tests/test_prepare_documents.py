@@ -154,6 +154,12 @@ def test_bad_input_names_file_and_line(tmp_path):
         with pytest.raises(InputError, match=message):
             prepare(path, out, tokenizer="gpt2", workers=1, progress=False)
         assert not list(out.iterdir())  # nothing half-written, nothing to resume
+    with pytest.raises(InputError, match=r"a \.jsonl corpus of documents: .* --tokenizer gpt2"):
+        prepare(bad_json, out, progress=False)  # the char tokenizer reads .txt
+    (tmp_path / "shards").mkdir()
+    llmc_shard(tmp_path / "shards" / "fineweb_val_000000.bin", [1, 2, 3])
+    with pytest.raises(InputError, match="it holds .bin token shards: use it as the data dir"):
+        prepare(tmp_path / "shards", out, tokenizer="gpt2", progress=False)
     meta = prepare(latin1, out, tokenizer="gpt2", errors="replace", workers=1, progress=False)
     assert meta["replaced_invalid_utf8"] == 1
 
@@ -384,3 +390,34 @@ def test_a_full_disk_is_one_clear_error_and_resumable(tmp_path, monkeypatch):
     prepare(path, tmp_path / "out", **settings)
     prepare(path, tmp_path / "whole", **settings)
     assert hashes(tmp_path / "out") == hashes(tmp_path / "whole")
+
+
+def test_eval_scores_an_llmc_shard_directory(tmp_path, capsys):
+    """`jaxgpt eval --data DIR` on llm.c shards: the val shards as one stream, scored as
+    `jaxgpt.eval.perplexity` scores the concatenated tokens."""
+    import jax
+
+    from jaxgpt.cli import main
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.eval import perplexity
+    from jaxgpt.params import init_params
+    from jaxgpt.pretrained import load_hf, save_hf
+
+    config = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    save_hf(config, init_params(config, jax.random.key(0)), tmp_path / "model")
+    rng = np.random.default_rng(1)
+    val = [rng.integers(0, 50257, size=n) for n in (30, 25)]
+    d = tmp_path / "shards"
+    d.mkdir()
+    llmc_shard(d / "fineweb_train_000000.bin", rng.integers(0, 50257, size=100))
+    for i, tokens in enumerate(val):
+        llmc_shard(d / f"fineweb_val_{i:06d}.bin", tokens)
+    out = tmp_path / "ppl.json"
+    argv = ["eval", "--model", str(tmp_path / "model"), "--data", str(d), "--stride", "8",
+            "--json", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    config, params = load_hf(tmp_path / "model")
+    expected = perplexity(params, config, np.concatenate(val), get_tokenizer(), stride=8)
+    assert record["tokens"] == 54 and record["split"] == "val"
+    assert record["loss"] == pytest.approx(expected.loss, rel=1e-6)
