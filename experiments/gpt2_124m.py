@@ -1,9 +1,15 @@
 """The GPT-2 124M reproduction recipe, for GPU/TPU on OpenWebText/FineWeb-style token files.
 
-Prepare the corpus once (GPT-2 BPE, uint16), then train on the prepared files:
+Prepare the corpus once (GPT-2 BPE documents → uint16 shards, all cores; docs/data.md), then
+train on the prepared files:
 
-    jaxgpt prepare /path/to/corpus_txt data/openwebtext --tokenizer gpt2 --val-fraction 0.0005
+    jaxgpt prepare 'openwebtext/*.jsonl.gz' data/openwebtext --tokenizer gpt2 --val-fraction 0.0005
     jaxgpt train gpt2_124m
+
+or train directly on llm.c / modded-nanogpt FineWeb shards (a directory of fineweb_train_*.bin
+and fineweb_val_*.bin, read as they are):
+
+    jaxgpt train gpt2_124m --data-dir /data --set data.dataset=fineweb10B
 
 The global batch is 16 sequences × 1024 tokens × 32 accumulated micro-batches = 524,288 tokens
 (~0.5M, as in GPT-2 / GPT-3 small); 19,073 steps ≈ 10B tokens. Raise data.batch_size and lower

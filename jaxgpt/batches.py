@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from jaxgpt import data, packing
+from jaxgpt.errors import ConfigError
 
 EVAL_SEED = 1234  # eval batches are fixed across evaluations and runs
 
@@ -42,19 +43,35 @@ class BatchSource:
 
 
 def text_source(
-    data_dir: Path, batch_size: int, block_size: int, accum: int, seed: int
+    data_dir: Path,
+    batch_size: int,
+    block_size: int,
+    accum: int,
+    seed: int,
+    align_documents: bool = False,
 ) -> BatchSource:
-    """Uniform windows of the prepared token files (`jaxgpt.data.get_batch`)."""
+    """Uniform windows of the prepared token files (`jaxgpt.data.get_batch`); with
+    `align_documents`, windows that begin at a document's <|endoftext|> (GPT-2 BPE data)."""
     tokens = {split: data.load_tokens(data_dir, split) for split in ("train", "val")}
     for split, toks in tokens.items():
         data.check_fits(toks, block_size, split)
+    starts = dict.fromkeys(tokens)
+    if align_documents:
+        eot = data.tokenizer_from_meta(data.load_meta(data_dir)).eot_token
+        if eot is None:
+            raise ConfigError(
+                f"data.align_documents needs documents separated by <|endoftext|> (GPT-2 BPE "
+                f"data); {data_dir} holds character tokens"
+            )
+        starts = {s: data.document_starts(t, eot, block_size, s) for s, t in tokens.items()}
 
     def train(step: int, rows: Rows) -> np.ndarray:
         return data.get_batch(tokens["train"], batch_size, block_size, seed, step, accum=accum,
-                              rows=rows)  # fmt: skip
+                              rows=rows, starts=starts["train"])  # fmt: skip
 
     def evaluate(split: str, i: int, rows: Rows) -> np.ndarray:
-        return data.get_batch(tokens[split], batch_size, block_size, EVAL_SEED, i, rows=rows)[0]
+        return data.get_batch(tokens[split], batch_size, block_size, EVAL_SEED, i, rows=rows,
+                              starts=starts[split])[0]  # fmt: skip
 
     return BatchSource("next_token", train, evaluate)
 
@@ -152,15 +169,24 @@ def preference_source(
 
 
 def make_source(
-    data_dir: Path, batch_size: int, block_size: int, accum: int, seed: int, **options: Any
+    data_dir: Path,
+    batch_size: int,
+    block_size: int,
+    accum: int,
+    seed: int,
+    *,
+    align_documents: bool = False,
+    **options: Any,
 ) -> BatchSource:
     """The source for a prepared data directory, by the format its meta.json names: chat,
-    preference (`options` go to `preference_source`) or text."""
+    preference (`options` go to `preference_source`) or text (`align_documents`: windows at
+    document starts; conversations are packed whole anyway)."""
     fmt = data.load_meta(data_dir).get("format", "text")
     if fmt == "preference":
         return preference_source(data_dir, batch_size, block_size, accum, seed, **options)
-    make = chat_source if fmt == "chat" else text_source
-    return make(data_dir, batch_size, block_size, accum, seed)
+    if fmt == "chat":
+        return chat_source(data_dir, batch_size, block_size, accum, seed)
+    return text_source(data_dir, batch_size, block_size, accum, seed, align_documents)
 
 
 def tokenizer_of(meta: dict[str, Any]):

@@ -1,4 +1,9 @@
-"""Token data: a text corpus → `train.bin` / `val.bin` + `meta.json`, and random batches from them.
+"""Token data: a corpus → token files + `meta.json`, and random batches from them.
+
+For GPT-2 BPE, `prepare` reads documents (.txt files, .jsonl / .jsonl.gz lines, .parquet rows),
+tokenises them in parallel and writes llm.c-format shards, split by document (`jaxgpt.sharded`);
+a directory of llm.c / modded-nanogpt shards is read as prepared data as it is. For the character
+tokenizer (the bundled Shakespeare), `prepare` writes `train.bin` / `val.bin` as follows.
 
 `prepare` streams the corpus (one or more .txt files) in pieces of `split_chunk` characters, never
 holding more than one piece and its tokens in memory. Each piece goes to train or val by a seeded
@@ -27,6 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from jaxgpt import shards
 from jaxgpt.errors import InputError
 from jaxgpt.tokenizer import CharTokenizer, Tokenizer, get_tokenizer
 
@@ -180,16 +186,29 @@ def prepare(
     split_chunk: int = 8192,
     errors: str = "strict",
     progress: bool = True,
+    field: str = "text",
+    missing: str = "error",
+    workers: int | None = None,
+    shard_tokens: int = 100_000_000,
+    chunk_bytes: int = 1 << 22,
 ) -> dict[str, Any]:
-    """Tokenise a corpus into `out_dir/train.bin`, `val.bin` and `meta.json`; return the meta.
+    """Tokenise a corpus into `out_dir` and return its meta (also written to `meta.json`).
 
-    Memory stays bounded by one piece of `split_chunk` characters (plus, for "char", the set of
-    distinct characters, found in a first streaming pass).
+    tokenizer="gpt2": the documents of `source` (one per .txt file, .jsonl line or .parquet row;
+    `field` names the text, `missing` says what a line without it does) become shards
+    `train_000000.bin` ... `val_000000.bin` of `shard_tokens` tokens, each document preceded by
+    <|endoftext|>, split by document, in `workers` processes (default: all cores) that each
+    tokenise chunks of about `chunk_bytes` of input; see
+    `jaxgpt.sharded.prepare_shards`. `split_chunk` is not used.
+
+    tokenizer="char": the .txt corpus becomes `train.bin` / `val.bin`, split by pieces of
+    `split_chunk` characters. Memory stays bounded by one piece (plus the set of distinct
+    characters, found in a first streaming pass).
 
     A corpus that is not valid UTF-8 is an error naming the file and byte offset, unless
     `errors="replace"`: then invalid bytes become U+FFFD and a warning gives their count.
 
-    The files are written under temporary names and renamed into place only when all three are
+    The files are written under temporary names and renamed into place only when all are
     complete, `meta.json` last (the old one is removed first): an interrupted or failed prepare
     leaves the previous prepared data as it was, and a directory with a `meta.json` is never
     half-written.
@@ -201,6 +220,26 @@ def prepare(
     for name, value, least in (("split_chunk", split_chunk, 1), ("split_seed", split_seed, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+    if errors not in ENCODING_ERRORS:
+        raise InputError(f"errors must be one of {ENCODING_ERRORS}, got {errors!r}")
+    if tokenizer == "gpt2":
+        from jaxgpt import documents, sharded
+
+        files = corpus_files(source) if str(source) == BUNDLED else documents.document_files(source)
+        out = _data_directory(out_dir)
+        with sharded.exclusive(out):
+            return sharded.prepare_shards(
+                source, out, files=files, field=field, missing=missing, errors=errors,
+                val_fraction=val_fraction, split_seed=split_seed, workers=workers,
+                shard_tokens=shard_tokens, chunk_bytes=chunk_bytes, progress=progress,
+            )  # fmt: skip
+    from jaxgpt.documents import file_format
+
+    if file_format(source) not in (None, ".txt"):
+        raise InputError(
+            f"{source} is a {file_format(source)} corpus of documents: prepare it with --tokenizer "
+            f"gpt2 (data.tokenizer='gpt2'); the char tokenizer reads .txt files"
+        )
     files = corpus_files(source)
     replaced = check_utf8(files, errors)
     if replaced:
@@ -210,13 +249,7 @@ def prepare(
             file=sys.stderr,
         )
     total_bytes = sum(f.stat().st_size for f in files)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create the data directory {out}: {err}") from err
-    if not out.is_dir():
-        raise InputError(f"cannot create the data directory {out}: it is a file")
+    out = _data_directory(out_dir)
 
     def bar(desc: str) -> tqdm:
         return tqdm(
@@ -279,6 +312,18 @@ def prepare(
     return meta
 
 
+def _data_directory(out_dir: str | Path) -> Path:
+    """`out_dir`, created if needed (an InputError when it cannot be)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the data directory {out}: {err}") from err
+    if not out.is_dir():
+        raise InputError(f"cannot create the data directory {out}: it is a file")
+    return out
+
+
 def _single_piece_advice(source: Any, files: list[Path], split_chunk: int, errors: str) -> str:
     """Why a corpus gave no validation piece, and what would help (pieces are whole lines)."""
     n_chars = n_lines = 0
@@ -336,17 +381,35 @@ def _write_splits(
     return counts, pieces, val_per_file
 
 
+SETTINGS = ("version", "tokenizer", "source", "val_fraction", "split_seed", "split_chunk")
+
+
 def split_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """The meta fields that decide the token files' contents (to tell whether to re-prepare)."""
-    keys = ("version", "tokenizer", "source", "val_fraction", "split_seed", "split_chunk")
-    return {k: meta.get(k) for k in keys}
+    return {k: meta.get(k) for k in SETTINGS}
+
+
+def wanted_settings(
+    tokenizer: str, source: str, val_fraction: float, split_seed: int, split_chunk: int
+) -> dict[str, Any]:
+    """What `split_settings` of data prepared with these arguments is."""
+    from jaxgpt.sharded import SHARDS_VERSION
+
+    version, chunk = (SHARDS_VERSION, None) if tokenizer == "gpt2" else (META_VERSION, split_chunk)
+    values = (version, tokenizer, source, val_fraction, split_seed, chunk)
+    return dict(zip(SETTINGS, values))
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:
+    """The meta of a prepared data directory; for a directory of llm.c / modded-nanogpt shards
+    (`*train*.bin`, `*val*.bin`, no meta.json), the meta that describes them."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
+        found = shards.llmc_split_shards(data_dir) if Path(data_dir).is_dir() else {}
+        if any(found.values()):
+            return _llmc_meta(Path(data_dir), found)
         raise InputError(
-            f"{data_dir} has no prepared data (no meta.json); "
+            f"{data_dir} has no prepared data (no meta.json, no llm.c token shards); "
             f"run `jaxgpt prepare SOURCE {data_dir}`"
         )
     try:
@@ -355,15 +418,46 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
         raise InputError(f"{data_dir} is not a prepared data directory ({path}: {err})") from err
 
 
+def _llmc_meta(data_dir: Path, found: dict[str, list[Path]]) -> dict[str, Any]:
+    for split, paths in found.items():
+        if not paths:
+            raise InputError(
+                f"{data_dir} holds llm.c token shards but none for the {split} split (a .bin file "
+                f"whose name contains {split!r}, e.g. fineweb_{split}_000000.bin)"
+            )
+    lists = {
+        split: [{"name": p.name, "tokens": len(shards.read_shard(p))} for p in paths]
+        for split, paths in found.items()
+    }
+    return {
+        "version": 2, "format": "shards", "tokenizer": "gpt2", "vocab_size": 50257,
+        "dtype": "uint16", "source": "llm.c shards", "shards": lists,
+        **{f"{s}_tokens": sum(x["tokens"] for x in lists[s]) for s in lists},
+    }  # fmt: skip
+
+
 def tokenizer_from_meta(meta: dict[str, Any]) -> Tokenizer:
     if meta["tokenizer"] == "char":
         return CharTokenizer(meta["chars"])
     return get_tokenizer(meta["tokenizer"])
 
 
-def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
-    """The token file of a split, memory-mapped read-only."""
+def load_tokens(data_dir: str | Path, split: str) -> np.ndarray | shards.TokenStream:
+    """The tokens of a split, memory-mapped read-only: one array, or the split's shards read as
+    one stream (`jaxgpt.shards.TokenStream`)."""
     meta = load_meta(data_dir)
+    if meta.get("format") == "shards":
+        listed = meta["shards"].get(split) or []
+        if not listed:
+            raise InputError(f"{data_dir} has no {split} shards; run `jaxgpt prepare` again")
+        tokens = shards.token_stream([Path(data_dir) / s["name"] for s in listed])
+        if len(tokens) != meta[f"{split}_tokens"]:
+            raise InputError(
+                f"{data_dir}: the {split} shards hold {len(tokens):,} tokens but meta.json says "
+                f"{meta[f'{split}_tokens']:,}: the prepared data is inconsistent; run "
+                f"`jaxgpt prepare` again"
+            )
+        return tokens
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise InputError(f"{path} is missing; run `jaxgpt prepare` again")
@@ -397,6 +491,23 @@ def check_fits(tokens: np.ndarray, block_size: int, split: str) -> None:
         )
 
 
+def document_starts(tokens: np.ndarray, eot: int, block_size: int, split: str) -> np.ndarray:
+    """The positions of `eot` in `tokens` (where each document begins, its marker prepended)
+    at which a whole window of `block_size + 1` tokens fits; int64, ascending."""
+    found, block = [], 1 << 24
+    for offset in range(0, len(tokens), block):  # streamed: the split may be many shards
+        found.append(np.flatnonzero(tokens[offset : offset + block] == eot) + offset)
+    starts = np.concatenate(found) if found else np.zeros(0, np.int64)
+    starts = starts[starts <= len(tokens) - block_size - 1]
+    if not len(starts):
+        raise InputError(
+            f"the {split} split has no document start (<|endoftext|>, {eot}) with a whole window "
+            f"of block_size + 1 = {block_size + 1} tokens after it, so data.align_documents "
+            f"cannot be used; prepare the data with `jaxgpt prepare --tokenizer gpt2`"
+        )
+    return starts
+
+
 def get_batch(
     tokens: np.ndarray,
     batch_size: int,
@@ -406,16 +517,21 @@ def get_batch(
     *,
     accum: int = 1,
     rows: tuple[int, int] | None = None,
+    starts: np.ndarray | None = None,
 ) -> np.ndarray:
     """`[accum, batch_size, block_size + 1]` int32 windows drawn uniformly from `tokens`.
 
     The draw is a pure function of (seed, step): inputs are `[..., :-1]`, targets `[..., 1:]`.
+    With `starts` (`document_starts`), windows begin only at those positions, drawn uniformly.
     With `rows=(start, stop)` only those rows of each micro-batch are read (a host's share of the
     global batch in a multi-process run): the result is `[accum, stop - start, block_size + 1]`,
     equal to the same slice of the whole batch.
     """
     rng = np.random.default_rng([seed, step])
-    starts_AB = rng.integers(0, len(tokens) - block_size, size=(accum, batch_size))
+    if starts is None:
+        starts_AB = rng.integers(0, len(tokens) - block_size, size=(accum, batch_size))
+    else:
+        starts_AB = starts[rng.integers(0, len(starts), size=(accum, batch_size))]
     if rows is not None:
         starts_AB = starts_AB[:, rows[0] : rows[1]]
     windows = np.stack([tokens[s : s + block_size + 1] for s in starts_AB.reshape(-1)])

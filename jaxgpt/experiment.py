@@ -66,11 +66,13 @@ class DataSection:
     Attributes:
       dataset: name of the prepared data directory, `<data_dir>/<dataset>`.
       format: "text" (a corpus, trained on every next token), "chat" (conversations in .jsonl,
-        packed into rows and trained only on what the assistant says; see docs/chat.md) or
+        packed into rows and trained only on what the assistant says; see docs/chat.md),
         "preference" (prompts with a chosen and a rejected answer, `jaxgpt.preferences`; for
-        DPO, whose reference model is `model.init`) or "prompts" (PPO: prompts of the
-        arithmetic demo answered by the policy itself, `jaxgpt.rlhf`; see the rl section).
-      source: "shakespeare" (the bundled plays), a .txt file, or a directory of .txt files.
+        DPO, whose reference model is `model.init`, or a reward model) or "prompts" (PPO:
+        prompts of the arithmetic demo answered by the policy itself, `jaxgpt.rlhf`; see the rl
+        section).
+      source: "shakespeare" (the bundled plays), a .txt file, or a directory of .txt files; for
+        tokenizer "gpt2" also .jsonl / .jsonl.gz / .parquet documents or a glob (docs/data.md).
       tokenizer: "char" (vocabulary = the corpus' characters) or "gpt2" (BPE).
       val_fraction: share of the corpus held out for validation.
       split_seed: seed of the deterministic train/val split (chunks of `split_chunk` characters).
@@ -79,6 +81,8 @@ class DataSection:
       seed: seed of the batch sampler (which windows each step sees).
       errors: "strict" (a corpus that is not valid UTF-8 is an error naming file and byte
         offset) or "replace" (invalid bytes become U+FFFD, with a warning giving their count).
+      align_documents: windows begin at a document start (its <|endoftext|>) instead of
+        anywhere; GPT-2 BPE data only (docs/data.md).
     """
 
     dataset: str = "shakespeare_char"
@@ -91,6 +95,7 @@ class DataSection:
     batch_size: int = 32
     seed: int = 0
     errors: str = "strict"
+    align_documents: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

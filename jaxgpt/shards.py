@@ -62,6 +62,13 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
+def shard_header(n_tokens: int) -> np.ndarray:
+    """The 256 int32 header of a shard of `n_tokens` tokens."""
+    values = np.zeros(HEADER_INTS, dtype="<i4")
+    values[:3] = MAGIC, VERSION, n_tokens
+    return values
+
+
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     """Write `tokens` (ids < 65536) as one shard; the file appears complete or not at all."""
     tokens = np.asarray(tokens)
@@ -69,8 +76,58 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         raise InputError("a token shard holds a 1-D array of token ids in [0, 65535]")
     if len(tokens) >= 1 << 31:
         raise InputError(f"a token shard holds fewer than 2**31 tokens, got {len(tokens):,}")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
     with atomic.staged_file(path, "wb") as handle:
-        handle.write(header.tobytes())
+        handle.write(shard_header(len(tokens)).tobytes())
         handle.write(tokens.astype(TOKEN_DTYPE).tobytes())
+
+
+class TokenStream:
+    """Several token arrays (the shards of a split) read as one stream, without copying them.
+
+    Supports what the loaders use: `len`, slices `[i:j]` (a copy when they cross a shard border)
+    and `np.asarray` (the whole stream, copied).
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a TokenStream is read by contiguous slices [i:j]")
+        start, stop, _ = key.indices(len(self))
+        pieces = []
+        shard = int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            offset = start - (self.ends[shard] - len(self.parts[shard]))
+            take = min(stop - start, len(self.parts[shard]) - offset)
+            pieces.append(self.parts[shard][offset : offset + take])
+            start, shard = start + take, shard + 1
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.concatenate(self.parts)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def token_stream(paths: list[Path]) -> np.ndarray | TokenStream:
+    """The shards at `paths`, in order, as one stream (the array itself for a single shard)."""
+    parts = [read_shard(p) for p in paths]
+    return parts[0] if len(parts) == 1 else TokenStream(parts)
+
+
+def llmc_split_shards(directory: Path) -> dict[str, list[Path]]:
+    """The shards of a directory of llm.c / modded-nanogpt shards, by split: the `*.bin` files
+    whose name contains "train" or "val" (`fineweb_train_000001.bin` ...), in sorted order."""
+    found: dict[str, list[Path]] = {"train": [], "val": []}
+    for path in sorted(Path(directory).glob("*.bin")):
+        for split in found:
+            if split in path.stem.lower():
+                found[split].append(path)
+    return found

@@ -251,10 +251,7 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
                 f"data.tokenizer is {d.tokenizer!r}"
             )
         return data_dir
-    want = {
-        "version": data.META_VERSION, "tokenizer": d.tokenizer, "source": d.source,
-        "val_fraction": d.val_fraction, "split_seed": d.split_seed, "split_chunk": d.split_chunk,
-    }  # fmt: skip
+    want = data.wanted_settings(d.tokenizer, d.source, d.val_fraction, d.split_seed, d.split_chunk)
     if (data_dir / "meta.json").is_file():
         try:
             if data.split_settings(data.load_meta(data_dir)) == want:
@@ -557,7 +554,9 @@ def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) 
 
         reference = dpo.load_reference(exp, tokenizer)
         options = dpo.source_options(exp, reference, progress=progress)
-    source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
+    source = batches.make_source(
+        data_dir, B, T, A, exp.data.seed, align_documents=exp.data.align_documents, **options
+    )
     objective_name = "reward" if reward_stage else source.objective
     objective = get_objective(objective_name, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight)
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv/ beside this repository and install jaxgpt with its test, Hugging Face and web extras,
+# Create .venv/ beside this repository and install jaxgpt with its test, Hugging Face, web and parquet extras,
 # at the versions in scripts/constraints.txt. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +16,5 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and explicitly: its CPU build. An unpinned `torch` resolves to a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[test,hf,web]"
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[test,hf,web,parquet]"
 echo "jaxgpt is installed in .venv/ (activate it with: . .venv/bin/activate)"

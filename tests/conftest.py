@@ -73,6 +73,18 @@ def tiny_corpus(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_documents(tiny_corpus):
+    """The tiny corpus as a .jsonl of documents (its speeches, split at blank lines), for GPT-2 BPE
+    (whose prepare splits train and val by document)."""
+    import json
+
+    speeches = [s for s in tiny_corpus.read_text(encoding="utf-8").split("\n\n") if s.strip()]
+    path = tiny_corpus.with_name("tiny.jsonl")
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches), encoding="utf-8")
+    return path
+
+
 @pytest.fixture
 def tiny_experiment_file(tmp_path, tiny_corpus):
     """Writes the tiny experiment as a .py file: write(steps, eval_interval, ckpt_interval)."""

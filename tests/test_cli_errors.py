@@ -7,6 +7,7 @@ broken copies of them); the commands then run two at a time, and each case check
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import pytest
 
 from jaxgpt.cli import COMMANDS
 from jaxgpt.config import GPTConfig
+from jaxgpt.data import prepare
 from jaxgpt.experiment import load_experiment
 from jaxgpt.params import init_params
 from jaxgpt.pretrained import save_hf
@@ -70,6 +72,19 @@ CASES = [
     case("prepare-empty", "prepare {w}/empty.txt {w}/data6", "is empty"),
     case("prepare-bad-errors", "prepare {w}/corpus.txt {w}/data7 --errors ignore",
          "invalid choice"),
+    # prepare, GPT-2 documents: each into its own copy of good prepared data, left as it was
+    case("prepare-bad-json", "prepare {w}/bad.jsonl {w}/bpe1 --tokenizer gpt2 --quiet",
+         "bad.jsonl:2: not valid JSON", keeps=("bpe1",)),
+    case("prepare-missing-field", "prepare {w}/docs.jsonl {w}/bpe2 --tokenizer gpt2 --quiet "
+         "--field body", "docs.jsonl:1: no 'body' field", keeps=("bpe2",)),
+    case("prepare-corrupt-gz", "prepare {w}/cut.jsonl.gz {w}/bpe3 --tokenizer gpt2 --quiet",
+         "cut.jsonl.gz: a corrupt or truncated gzip file", keeps=("bpe3",)),
+    case("prepare-one-document", "prepare {w}/corpus.txt {w}/bpe4 --tokenizer gpt2 --quiet",
+         "has 1 document(s)", keeps=("bpe4",)),
+    case("prepare-corrupt-parquet", "prepare {w}/bad.parquet {w}/bpe5 --tokenizer gpt2 --quiet",
+         "not a readable Parquet file", keeps=("bpe5",)),
+    case("prepare-workers-0", "prepare {w}/docs.jsonl {w}/bpe6 --tokenizer gpt2 --workers 0",
+         "workers must be an integer >= 1", keeps=("bpe6",)),
     # train: every bad setting fails before any work, and an existing run is left alone
     case("train-unknown-experiment", "train nosuch_experiment", "unknown experiment"),
     case("train-unknown-key", "train {w}/tiny.py --set optim.lrr=1", "did you mean 'optim.lr'"),
@@ -238,6 +253,15 @@ def _build_world(w: Path, corpus: Path) -> None:
     (w / "short.txt").write_text("To be, or not to be.\n" * 5)
     (w / "empty.txt").write_text("")
     (w / "afile").write_text("a file, not a directory\n")
+    docs = [json.dumps({"text": f"Document {i}: to be, or not to be."}) for i in range(40)]
+    (w / "docs.jsonl").write_text("\n".join(docs) + "\n")
+    (w / "bad.jsonl").write_text(docs[0] + "\n{not json}\n")
+    whole = gzip.compress((w / "docs.jsonl").read_bytes())
+    (w / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (w / "bad.parquet").write_bytes(b"PAR1" + bytes(100) + b"PAR1")
+    prepare(w / "docs.jsonl", w / "bpe1", tokenizer="gpt2", workers=1, progress=False)
+    for i in range(2, 7):
+        shutil.copytree(w / "bpe1", w / f"bpe{i}")
 
 
 def _run_case(c: Case, w: Path) -> subprocess.CompletedProcess:

@@ -55,19 +55,23 @@ def test_split_is_deterministic_and_seeded(tmp_path, tiny_corpus):
 
 
 def test_prepare_gpt2_matches_tiktoken(tmp_path):
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    (tmp_path / "c.txt").write_text(text)
-    # Two pieces: the first always goes to train, the second to val.
-    meta = prepare(tmp_path / "c.txt", tmp_path / "d", tokenizer="gpt2", split_chunk=len(text) // 2,
-                   progress=False)  # fmt: skip
+    """GPT-2 BPE: each .txt file is one document, preceded by <|endoftext|> (docs/data.md)."""
+    texts = ["First Citizen:\nBefore we proceed any further, hear me speak.\n" * (i + 1)
+             for i in range(3)]  # fmt: skip
+    for i, text in enumerate(texts):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{i}.txt").write_text(text)
+    meta = prepare(tmp_path / "c", tmp_path / "d", tokenizer="gpt2", workers=1, progress=False)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257
     enc = get_tokenizer("gpt2")
-    train = load_tokens(tmp_path / "d", "train")
-    val = load_tokens(tmp_path / "d", "val")
-    assert enc.decode(list(train)) + enc.decode(list(val)) == text
-    first = enc.decode(list(train))
-    assert first.endswith("\n") and text.startswith(first)  # pieces end at line ends
-    assert list(train) == enc.encode_ordinary(first)
+    train = list(load_tokens(tmp_path / "d", "train"))
+    val = list(load_tokens(tmp_path / "d", "val"))
+    docs = [[50256, *enc.encode_ordinary(t)] for t in texts]
+    # The first document always trains and the second always validates; the third is drawn.
+    third_val = meta["val_documents"] == 2
+    assert train == docs[0] + ([] if third_val else docs[2])
+    assert val == docs[1] + (docs[2] if third_val else [])
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(map(len, docs))
 
 
 def test_bad_corpora(tmp_path):

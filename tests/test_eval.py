@@ -268,9 +268,9 @@ def gpt2_model_dir(tmp_path_factory):
     return path
 
 
-def test_cli_data_and_task_write_json(tmp_path, capsys, gpt2_model_dir, tiny_corpus):
+def test_cli_data_and_task_write_json(tmp_path, capsys, gpt2_model_dir, tiny_documents):
     data = tmp_path / "bpe"
-    prepare(tiny_corpus, data, tokenizer="gpt2", split_chunk=4096, progress=False)
+    prepare(tiny_documents, data, tokenizer="gpt2", workers=1, progress=False)
     out = tmp_path / "ppl.json"
     argv = ["eval", "--model", str(gpt2_model_dir), "--data", str(data), "--stride", "8",
             "--max-tokens", "100", "--json", str(out), "--quiet"]  # fmt: skip

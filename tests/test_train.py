@@ -327,7 +327,7 @@ def test_corpus_smaller_than_a_block(tmp_path, tiny_experiment_file, capsys):
         run(missing, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False)
 
 
-def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_corpus):
+def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_documents):
     """`model.init=<HF dir>`: the run starts from those weights — its first logged loss is
     transformers' loss on the same first batch — and trains them as PyTorch's AdamW would: the
     losses of steps 2-4 are those of the same model trained by torch with the same schedule,
@@ -344,7 +344,7 @@ def test_fine_tune_from_hugging_face_dir(tmp_path, tiny_corpus):
     exp = Experiment(
         name="finetune",
         model=ModelSection(init=str(tmp_path / "hf"), block_size=16),
-        data=DataSection(dataset="tiny_bpe", source=str(tiny_corpus), tokenizer="gpt2",
+        data=DataSection(dataset="tiny_bpe", source=str(tiny_documents), tokenizer="gpt2",
                          batch_size=2, split_chunk=1024),
         optim=OptimSection(lr=1e-2),
         schedule=ScheduleSection(max_steps=4, warmup_steps=1),

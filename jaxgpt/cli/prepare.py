@@ -1,6 +1,7 @@
-"""`jaxgpt prepare SOURCE OUT_DIR`: tokenise a corpus into train.bin / val.bin / meta.json, or
-(`--format chat`) render a chat data set into token, mask and offset files, or
-(`--format preference`) render chosen/rejected pairs (`jaxgpt.preferences`)."""
+"""`jaxgpt prepare SOURCE OUT_DIR`: tokenise a corpus into token files and meta.json (GPT-2 BPE:
+resumable shards of documents, in parallel; char: train.bin / val.bin), or (`--format chat`)
+render a chat data set into token, mask and offset files, or (`--format preference`) render
+chosen/rejected pairs (`jaxgpt.preferences`)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,34 @@ import argparse
 from pathlib import Path
 
 from jaxgpt.data import BUNDLED, ENCODING_ERRORS, prepare
+from jaxgpt.documents import MISSING
 from jaxgpt.errors import InputError
+from jaxgpt.sharded import default_workers
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prepare",
         help="tokenise a corpus into train/val token files",
-        description="Tokenise a corpus (the bundled Shakespeare plays, a .txt file or a "
-        "directory of .txt files) into OUT_DIR/train.bin, val.bin and meta.json, streaming it "
-        "in pieces. Pieces go to train or val by a seeded draw, so the split is reproducible. "
+        description="Tokenise a corpus into OUT_DIR. With --tokenizer gpt2, SOURCE is a file, a "
+        "directory or a glob of documents: .txt (one document per file), .jsonl / .jsonl.gz "
+        "(one per line, its --field), .parquet (one per row, column --field); each document is "
+        "preceded by <|endoftext|>, documents go to train or val by a seeded draw, and "
+        "--workers processes write llm.c-format shards (train_000000.bin ...); an interrupted "
+        "prepare resumes from its last complete shard when run again (a directory of llm.c / "
+        "modded-nanogpt .bin shards needs no prepare: use it as the data directory). With "
+        "--tokenizer char "
+        "(the default), SOURCE is 'shakespeare' (the bundled plays), a .txt file or a directory "
+        "of them, split in pieces of --split-chunk characters into train.bin and val.bin. "
         "With --format chat, SOURCE is a .jsonl chat data set (or a directory of them, or "
         "'arithmetic' for the generated demo): each conversation is rendered with the chat "
         "tokens and the mask of what the assistant says (docs/chat.md). With --format preference, "
         'SOURCE is a .jsonl file of {"prompt", "chosen", "rejected"} lines (or a '
         "directory of them); all pairs of a prompt go to one split.",
     )
-    parser.add_argument("source", metavar="SOURCE", help=f"{BUNDLED!r}, a .txt file or a dir")
+    parser.add_argument(
+        "source", metavar="SOURCE", help=f"{BUNDLED!r}, a file, a directory or a quoted glob"
+    )
     parser.add_argument("out", metavar="OUT_DIR", type=Path, help="where the token files go")
     parser.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
     parser.add_argument(
@@ -39,8 +51,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (0.1)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (0)")
     parser.add_argument(
-        "--split-chunk", type=int, default=8192, help="characters per split piece (8192)"
+        "--split-chunk", type=int, default=8192,
+        help="char tokenizer: characters per split piece (8192)",
+    )  # fmt: skip
+    gpt2 = parser.add_argument_group("GPT-2 BPE documents (--tokenizer gpt2)")
+    gpt2.add_argument("--field", default="text", help="JSONL field / Parquet column ('text')")
+    gpt2.add_argument(
+        "--missing", choices=MISSING, default="error",
+        help="a line or row without the field: 'error' stops there naming file and line "
+        "(default), 'skip' skips it and reports how many were skipped",
+    )  # fmt: skip
+    gpt2.add_argument(
+        "--workers", type=int, default=None,
+        help=f"tokenising processes (default: all cores, here {default_workers()})",
+    )  # fmt: skip
+    gpt2.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, help="tokens per shard (100,000,000)"
     )
+    gpt2.add_argument(
+        "--chunk-bytes", type=int, default=1 << 22,
+        help="input bytes a worker tokenises at a time (4 MiB); changes the split",
+    )  # fmt: skip
     parser.add_argument(
         "--errors", choices=ENCODING_ERRORS, default="strict",
         help="a corpus that is not valid UTF-8: 'strict' stops with the file and byte offset "
@@ -91,13 +122,21 @@ def run(args: argparse.Namespace) -> int:
     meta = prepare(
         args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
         split_seed=args.split_seed, split_chunk=args.split_chunk, errors=args.errors,
-        progress=not args.quiet,
+        progress=not args.quiet, field=args.field, missing=args.missing, workers=args.workers,
+        shard_tokens=args.shard_tokens, chunk_bytes=args.chunk_bytes,
     )  # fmt: skip
     print(
         f"{args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
         f"({meta['tokenizer']}, vocabulary {meta['vocab_size']}, {meta['dtype']}) "
         f"from {len(meta['files'])} file(s)"
     )
+    if meta.get("format") == "shards":
+        print(
+            f"  {meta['train_documents']:,} train and {meta['val_documents']:,} val documents "
+            f"in {len(meta['shards']['train'])} + {len(meta['shards']['val'])} shard(s)"
+            + (f", {meta['skipped_documents']:,} line(s) skipped" if meta["skipped_documents"]
+               else "")
+        )  # fmt: skip
     return 0
 
 
