@@ -67,6 +67,13 @@ class Conversation:
         self._slot = 0  # cache slots in use
         self._carry: list[int] = []  # the last reply's final token (and its <|end|>), unwritten
 
+    def set_sampling(
+        self, temperature: float, top_k: int | None = None, top_p: float | None = None
+    ) -> None:
+        """Sample the next replies with these settings (checked by `make_sampler`)."""
+        self._sampler = make_sampler(temperature, top_k, top_p)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
     def reply(self, text: str) -> Iterator[str]:
         """Stream the reply to the user message `text` as text pieces; the turn is kept."""
         user = {"role": "user", "content": text}

@@ -440,13 +440,18 @@ def forward_cached(
     kv_start_B: jax.Array,
     *,
     last_only: bool = False,
-) -> tuple[jax.Array, KVCache]:
+    capture: bool = False,
+) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, dict[str, Any]]:
     """Inference with a KV cache: run `tokens_BT` at cache slots `q_offset ... q_offset+T-1`.
 
     Row b's sequence begins at slot `kv_start_B[b]` (left padding before it is never attended to),
     so its positions are `slot - kv_start_B[b]`. Returns logits_BTV and the updated cache; with
     `last_only=True` only the last position's logits (`[B, 1, V]`), which is all a prefill needs
-    (the full `[B, T, V]` projection would cost T times the vocabulary matmul).
+    (the full `[B, T, V]` projection would cost T times the vocabulary matmul). With
+    `capture=True` also the intermediates of these T tokens as `forward(..., capture=True)` gives
+    them (the same `block` code), except that "att" is over the whole cache, `[B, H, T, S]`
+    (slots after each query's own get 0): what `jaxgpt explore` uses to extend a captured
+    sequence one token at a time.
 
     Checked before tracing (so also under `jit`): the tokens' rank and dtype, the cache's layout,
     T against the cache length and, when concrete, the token ids and `q_offset + T <= S`
@@ -457,15 +462,25 @@ def forward_cached(
     slots_T = q_offset + jnp.arange(T)
     positions_BT = jnp.maximum(slots_T[None, :] - kv_start_B[:, None], 0)
     x_BTD = embed(params, tokens_BT, positions_BT)
+    captured: dict[str, Any] = {"x_embed": x_BTD, "layers": []} if capture else {}
     new_cache = []
     for layer_params, layer_cache in zip(params["blocks"], cache):
+        layer_capture: dict | None = {} if capture else None
         x_BTD, layer_cache = block(
-            layer_params, x_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B, cache=layer_cache
-        )
+            layer_params, x_BTD, config, q_offset=q_offset, kv_start_B=kv_start_B,
+            cache=layer_cache, capture=layer_capture,
+        )  # fmt: skip
         new_cache.append(layer_cache)
+        if capture:
+            captured["layers"].append(layer_capture)
     if last_only:
         x_BTD = x_BTD[:, -1:]
-    return unembed(params, x_BTD, config), new_cache
+    logits_BTV = unembed(params, x_BTD, config)
+    if capture:
+        captured["ln_f"] = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+        captured["logits"] = logits_BTV
+        return logits_BTV, new_cache, captured
+    return logits_BTV, new_cache
 
 
 def check_cache_call(

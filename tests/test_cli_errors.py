@@ -169,6 +169,8 @@ CASES = [
     case("trace-hf-truncated", "trace --model {w}/hf_truncated --prompt the", "cannot read"),
     case("trace-out-is-a-file", "trace --model {w}/run --prompt the --out {w}/afile/x",
          "is a file, not a directory", RUN),
+    case("trace-compare-other-tokenizer", "trace --model {w}/run --compare {w}/hf --prompt hi "
+         "--answer yo --html {w}/answer.html", "another tokenizer", RUN),
     # plot
     case("plot-missing-dir", "plot {w}/run --out {w}/nowhere/loss.png", "does not exist", RUN),
     case("plot-unknown-extension", "plot {w}/run --out {w}/loss.xyz", "unknown file type", RUN),

@@ -1,6 +1,7 @@
-"""`jaxgpt explore`: the JSON API (analysis = the forward pass, validation, the server survives bad
-requests), the CLI's one-line errors, and the page itself in headless Chromium (Debian's
-`chromium` + `chromium-driver`, driven by Selenium; nothing is downloaded)."""
+"""`jaxgpt explore`: the JSON API (analysis = the forward pass, "next token" extending the KV cache
+of the page session, validation, the server survives bad requests), the chat tab's event stream
+(= `Conversation` / `jaxgpt chat`), the CLI's one-line errors, and the page itself in headless
+Chromium (Debian's `chromium` + `chromium-driver`, driven by Selenium; nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgpt.chat import with_chat_tokens
 from jaxgpt.cli import main
 from jaxgpt.cli.common import LoadedModel
 from jaxgpt.config import GPTConfig
+from jaxgpt.conversation import Conversation
 from jaxgpt.decode import generate
-from jaxgpt.explore.analysis import Explorer
+from jaxgpt.explore.analysis import MAX_SESSIONS, Explorer
 from jaxgpt.explore.server import create_app
 from jaxgpt.model import forward
 from jaxgpt.params import init_params
@@ -40,7 +43,15 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def server(model):
+def chat_model():
+    """A tiny random-weight chat model: GPT-2's tokenizer with the chat tokens."""
+    tokenizer = with_chat_tokens(get_tokenizer("gpt2"))
+    config = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, vocab_size=tokenizer.n_vocab)
+    params = init_params(config, jax.random.key(1))
+    return LoadedModel(config, params, tokenizer, "tiny random chat model (test)")
+
+
+def serve(model: LoadedModel):
     """The app on a free port of 127.0.0.1, served from a thread; yields its base URL."""
     import uvicorn
 
@@ -57,6 +68,16 @@ def server(model):
     srv.should_exit = True
     thread.join(10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    yield from serve(model)
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_model):
+    yield from serve(chat_model)
 
 
 def post(url: str, body: bytes | dict) -> tuple[int, dict]:
@@ -123,6 +144,116 @@ def test_next_token_is_the_decoders(server, model):
     expected = generate(model.params, model.config, ids, 1, key=jax.random.key(3),
                         temperature=0.9, top_k=50, top_p=0.95)  # fmt: skip
     assert data["token"] == expected[-1] and data["ids"] == expected
+
+
+def test_next_token_extends_the_sessions_cache_and_equals_a_fresh_pass(server, model):
+    ids = get_tokenizer("gpt2").encode(SENTENCE)
+    status, data = post(f"{server}/api/analyze", {"ids": ids, "session": "kv"})
+    assert status == 200 and data["computed"] == "prefilled", data
+    for _ in range(3):
+        status, data = post(f"{server}/api/next", {"ids": data["ids"], "temperature": 0,
+                                                   "session": "kv"})  # fmt: skip
+        assert status == 200 and data["computed"] == "extended", data
+    assert data["ids"] == generate(model.params, model.config, ids, 3, temperature=0)
+    # Every number drawn after three cached steps is the fresh forward(capture=True)'s.
+    logits, cap = forward(model.params, jnp.asarray([data["ids"]]), model.config, capture=True)
+    for layer, per_head in enumerate(data["attention"]):
+        for head, rows in enumerate(per_head):
+            att = np.asarray(cap["layers"][layer]["att"][0, head])
+            for i, row in enumerate(rows):
+                np.testing.assert_allclose(row, att[i, : i + 1], atol=2e-5)
+    stages = [cap["x_embed"][0]] + [lay["x_out"][0] for lay in cap["layers"]]
+    np.testing.assert_allclose(data["norms"], np.linalg.norm(stages, axis=-1), atol=2e-5)
+    np.testing.assert_allclose(data["embeddings"], cap["x_embed"][0], atol=6e-5)
+    last = np.asarray(logits[0, -1])
+    top = [c["id"] for c in data["candidates"][:5]]
+    assert top == np.argsort(-last, kind="stable")[:5].tolist()
+    np.testing.assert_allclose([c["logit"] for c in data["candidates"]], last[top + [
+        c["id"] for c in data["candidates"][5:]]], atol=1e-4)  # fmt: skip
+    status, head = post(f"{server}/api/head", {"ids": data["ids"], "layer": 1, "head": 0,
+                                               "session": "kv"})  # fmt: skip
+    np.testing.assert_allclose(head["out"], cap["layers"][1]["heads"][0, 0], atol=2e-5)
+    np.testing.assert_allclose(head["v"], cap["layers"][1]["v"][0, 0], atol=2e-5)
+    # The same sequence again reads the session's captures; another session computes afresh.
+    status, again = post(f"{server}/api/analyze", {"ids": data["ids"], "session": "kv"})
+    assert again["computed"] == "reused" and again["attention"] == data["attention"]
+    status, fresh = post(f"{server}/api/analyze", {"ids": data["ids"], "session": "other"})
+    assert fresh["computed"] == "prefilled"
+    np.testing.assert_allclose(fresh["norms"], data["norms"], atol=2e-5)
+
+
+def test_sessions_are_bounded(model):
+    explorer = Explorer(model)
+    for n in range(MAX_SESSIONS + 2):
+        explorer.capture([1, 2, 3], f"s{n}")
+    assert list(explorer._sessions) == [f"s{n}" for n in range(2, MAX_SESSIONS + 2)]
+
+
+# --------------------------------------------------------------------------- the chat tab
+
+
+def chat_stream(url: str, body: dict) -> tuple[int, str, list[tuple[str, dict]]]:
+    """POST to the chat endpoint: (status, content type, [(event type, data)])."""
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = response.read().decode()
+            kind = response.headers["Content-Type"]
+            status = response.status
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], [("error", json.loads(err.read()))]
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return status, kind, events
+
+
+def test_chat_streams_the_conversations_reply_and_reuses_its_cache(chat_server, chat_model):
+    m = chat_model
+    reference = Conversation(m.params, m.config, m.tokenizer, temperature=0.0, max_new_tokens=12)
+    body = {"session": "c1", "temperature": 0, "max_new_tokens": 12}
+    for turn, message in enumerate(["What is 2 + 3?", "And 4 + 4?"], 1):
+        status, kind, events = chat_stream(f"{chat_server}/api/chat", {**body, "message": message})
+        assert status == 200 and kind.startswith("text/event-stream"), events
+        expected = list(reference.reply(message))
+        pieces = [data["piece"] for kind, data in events if kind == "message"]
+        assert len(pieces) > 1 and pieces == expected  # streamed piece by piece, as Conversation
+        (last_kind, done), *_ = events[-1:]
+        assert last_kind == "done" and done["done"] == "".join(expected)
+        stats = reference.turn_stats[-1]
+        assert done["stats"]["turn"] == turn and done["stats"]["prefilled"] == stats.prefilled
+    assert done["stats"]["prefilled"] < done["stats"]["without_reuse"]  # turn 2 reused the cache
+    assert post(f"{chat_server}/api/chat/reset", {"session": "c1"})[1] == {"reset": True}
+    _, _, events = chat_stream(f"{chat_server}/api/chat", {**body, "message": "And 4 + 4?"})
+    assert events[-1][1]["stats"]["turn"] == 1
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"message": ""}, "empty"),
+        ({"message": "hi", "temperature": -1}, "temperature must be between"),
+        ({"message": "hi", "top_k": 0}, "top_k"),
+        ({"message": "hi", "max_new_tokens": 0}, "max new tokens"),
+        ({"message": "hi", "session": "a b"}, "session must be"),
+        ({"message": "hello " * 80}, "too long"),
+    ],
+)
+def test_bad_chat_requests_get_one_message(chat_server, body, message):
+    status, _, events = chat_stream(f"{chat_server}/api/chat", {"session": "bad", **body})
+    assert status == 400 and message in events[0][1]["error"], events
+    status, _, events = chat_stream(f"{chat_server}/api/chat", {"session": "bad", "message": "hi",
+                                                                "max_new_tokens": 2})  # fmt: skip
+    assert status == 200 and events[-1][0] == "done"
+
+
+def test_a_model_without_chat_tokens_has_no_chat(server):
+    status, events = post(f"{server}/api/chat", {"message": "hi"})
+    assert status == 400 and "not a chat model" in events["error"]
+    info = json.loads(urllib.request.urlopen(f"{server}/api/model").read())
+    assert info["chat"] is False and "no chat tokens" in info["chat_absent"]
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -196,6 +327,12 @@ def test_the_page_in_headless_chromium(server, browser, model):
     driver.get(server + "/")
     wait_ready(driver)
     assert "2 layers, 2 heads" in driver.find_element(By.ID, "model").text
+    # GPT-2's plain tokenizer has no chat tokens: the chat tab says so instead of chatting.
+    driver.find_element(By.ID, "tab-chat").click()
+    absent = driver.find_element(By.ID, "chat-absent")
+    assert absent.is_displayed() and "not a chat model" in absent.text
+    assert not driver.find_element(By.ID, "chat-box").is_displayed()
+    driver.find_element(By.ID, "tab-journey").click()
 
     # 1. The prompt's tokens and ids, as tiktoken's GPT-2 encoding gives them.
     driver.find_element(By.ID, "prompt").send_keys(SENTENCE)
@@ -257,6 +394,8 @@ def test_the_page_in_headless_chromium(server, browser, model):
     greedy = generate(model.params, model.config, ids, 1, temperature=0)
     assert [int(chip.get_attribute("data-id")) for chip in chips] == greedy
     assert len(driver.execute_script("return window.explorer.drawn.rows")) == 21
+    assert driver.execute_script("return window.explorer.data.computed") == "extended"
+    assert "one token added with the KV cache" in driver.find_element(By.ID, "timing").text
 
     # 5. Clicking a token shows the residual stream and logit lens at that position.
     chips[3].click()
@@ -282,3 +421,58 @@ def test_the_page_in_headless_chromium(server, browser, model):
     driver.find_element(By.ID, "run").click()
     wait_ready(driver, updates=3)
     assert not driver.find_element(By.ID, "error").is_displayed()
+
+
+def test_the_chat_tab_in_headless_chromium(chat_server, browser, chat_model, tmp_path, capsys):
+    """The reply streamed into the page is `jaxgpt chat --prompt`'s (greedy), in several events;
+    the second turn reuses the cache; reset starts a new conversation."""
+    from selenium.webdriver.common.by import By
+
+    from jaxgpt.pretrained import save_hf
+
+    m, message = chat_model, "What is 2 + 3?"
+    driver = browser
+    driver.get(chat_server + "/")
+    wait_ready(driver)
+    driver.find_element(By.ID, "tab-chat").click()
+    assert not driver.find_element(By.ID, "chat-absent").is_displayed()
+    assert not driver.find_element(By.ID, "journey").is_displayed()
+    set_control(driver, "temperature", 0)
+    chat_max = driver.find_element(By.ID, "chat-max")
+    chat_max.clear()
+    chat_max.send_keys("12")
+
+    def send(text: str) -> str:
+        driver.find_element(By.ID, "chat-input").send_keys(text)
+        driver.find_element(By.ID, "chat-send").click()
+        end = time.time() + 120
+        while driver.execute_script("return window.explorer.chat.state") == "streaming":
+            assert time.time() < end, "the reply did not finish"
+            time.sleep(0.05)
+        assert driver.execute_script("return window.explorer.chat.state") == "done"
+        replies = driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant")
+        return driver.execute_script("return arguments[0].textContent", replies[-1])
+
+    reference = Conversation(m.params, m.config, m.tokenizer, temperature=0.0, max_new_tokens=12)
+    first = send(message)
+    assert first == "".join(reference.reply(message)) and first
+    assert driver.execute_script("return window.explorer.chat.events") > 2  # pieces, then done
+    save_hf(m.config, m.params, tmp_path / "hf", m.tokenizer)
+    argv = ["chat", "--model", str(tmp_path / "hf"), "--prompt", message, "--temperature", "0",
+            "--max-new-tokens", "12"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first + "\n"
+
+    second = send("And 4 + 4?")
+    assert second == "".join(reference.reply("And 4 + 4?"))
+    stats = driver.find_element(By.ID, "chat-stats").text
+    assert stats.startswith(f"turn 2: prefilled {reference.turn_stats[1].prefilled} tokens")
+
+    driver.find_element(By.ID, "chat-reset").click()
+    end = time.time() + 30
+    while driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg"):
+        assert time.time() < end
+        time.sleep(0.05)
+    assert send(message) == first
+    assert driver.find_element(By.ID, "chat-stats").text.startswith("turn 1:")

@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="explore a prompt's journey through the model in a local web page",
         description="Start a local web server with an interactive page: tokens, embeddings, "
         "attention per layer and head, the residual stream and logit lens, and the next-token "
-        "distribution with temperature / top-k / top-p and a 'next token' button. Needs the "
-        "`web` extra (pip install 'jaxgpt[web]'). Works offline.",
+        "distribution with temperature / top-k / top-p and a 'next token' button (each press "
+        "extends a KV cache by one token); for a chat model, a chat tab streaming replies. Needs "
+        "the `web` extra (pip install 'jaxgpt[web]'). Works offline.",
     )
     parser.add_argument(
         "--model",

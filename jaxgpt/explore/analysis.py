@@ -1,20 +1,28 @@
 """What the explorer page draws, computed once per request from the real forward pass.
 
-    text or token ids (≤ max_tokens)
-      → `forward(..., capture=True)` on the ids right-padded to 16, 32 or 64 tokens (a few
-        compilations; causal attention makes the padding invisible to the real positions)
+    text or token ids (≤ max_tokens), for one page session
+      → a new sequence: `forward_cached(..., capture=True)` over the ids right-padded to 16, 32
+        or 64 tokens, into a fresh KV cache (a few compilations; causal attention makes the
+        padding invisible to the real positions, and later tokens overwrite its cache slots)
+      → the session's sequence plus one token ("next token"): the same call on that one token
+        at the next cache slot — earlier positions are read from the KV cache, never recomputed
       → tokens (piece, id, bytes), embeddings x_embed [T, D], attention [L, H, T, T] (lower
         triangle), ‖x‖ after each stage [L+1, T], the logit lens at one position, and the
         final logits of the top candidates at the last position
 
-`next_token` samples with the KV-cache decoder (`jaxgpt.decode.decode_padded`, what
-`generate` runs) and `make_sampler`'s settings. Every function raises `InputError` with a
-message for the page on bad input.
+Causal attention is why extending works: a new token changes nothing at earlier positions, so
+their captured rows are kept and only the new position's row is appended (its attention row
+reads every earlier key from the cache). `next_token` samples from the last position's logits
+with `make_sampler`'s settings and the keys `generate(ids, 1, key=key(seed))` uses. Every
+function raises `InputError` with a message for the page on bad input.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,15 +31,61 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.cli.common import LoadedModel
-from jaxgpt.decode import decode_padded
 from jaxgpt.errors import InputError
-from jaxgpt.sampling import Greedy, make_sampler
-from jaxgpt.trace import _forward_capture, _read_out, token_piece
+from jaxgpt.model import KVCache, forward_cached, init_cache
+from jaxgpt.sampling import Greedy, Sampler, make_sampler
+from jaxgpt.trace import _read_out, token_piece
 
 MAX_TOKENS = 64  # longest sequence the page analyses (attention is T×T per head per layer)
 MAX_TEXT_CHARS = 2000
 CANDIDATES = 100  # top tokens whose logits the page filters client-side
 LENS_TOP = 5
+MAX_SESSIONS = 8  # page sessions whose sequence and KV cache are kept (the oldest goes first)
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# The decoder's cached forward pass with its intermediates; the cache passed in is donated.
+_capture_cached = jax.jit(
+    functools.partial(forward_cached, capture=True),
+    static_argnames=("config",),
+    donate_argnames=("cache",),
+)
+
+
+@jax.jit
+def _sample(sampler: Sampler, logits_BV: jax.Array, key: jax.Array) -> jax.Array:
+    return sampler(logits_BV, key)
+
+
+@dataclass
+class Sequence:
+    """One page session's sequence: its ids, the KV cache holding them (slots 0..T-1) and the
+    captured intermediates of every position, as numpy (`Explorer.capture`'s dict)."""
+
+    ids: list[int]
+    cache: KVCache
+    cap: dict[str, np.ndarray]
+
+
+def session_id(value: Any) -> str:
+    """The page session a request belongs to ("" when it names none: scripts share one)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not SESSION_ID.fullmatch(value):
+        raise InputError("session must be 1 to 64 letters, digits, '-' or '_'")
+    return value
+
+
+def sampling_settings(data: dict[str, Any]) -> tuple[float, int | None, float | None]:
+    """(temperature, top_k, top_p) from a request, checked; a sampler is built from them."""
+    temperature = _number(data.get("temperature", 1.0), "temperature", 0.0, 100.0)
+    top_k = data.get("top_k")
+    top_p = data.get("top_p")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        raise InputError(f"top-k must be a whole number >= 1 (or off), got {top_k!r}")
+    if top_p is not None:
+        top_p = _number(top_p, "top-p", 0.0, 1.0)
+    make_sampler(temperature, top_k, top_p)  # its own checks (top_k >= 1, top_p > 0)
+    return temperature, top_k, top_p
 
 
 @dataclass(frozen=True)
@@ -39,9 +93,10 @@ class Explorer:
     """A loaded model and the limits of the page."""
 
     model: LoadedModel
-    # The captures of the last few sequences: clicking a position (the logit lens) after an
-    # analysis reads the pass already made instead of running the model again.
-    _captures: dict = field(default_factory=dict, repr=False, compare=False)
+    # Per page session (bounded, least recently used first out): the sequence, its KV cache and
+    # its captures, so "next token" extends by one token and clicking a position (the logit lens)
+    # reads the pass already made instead of running the model again.
+    _sessions: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
 
     @property
     def max_tokens(self) -> int:
@@ -88,36 +143,54 @@ class Explorer:
 
     # ------------------------------------------------------------------ the one forward pass
 
-    def capture(self, ids: list[int]) -> dict[str, Any]:
-        """`forward(..., capture=True)` on ids right-padded to `bucket(T)`, as numpy, cut to T."""
-        key = tuple(ids)
-        if key not in self._captures:
-            if len(self._captures) >= 4:
-                self._captures.pop(next(iter(self._captures)))  # the oldest
-            self._captures[key] = self._capture(ids)
-        return self._captures[key]
+    def capture(self, ids: list[int], session: str = "") -> tuple[dict[str, Any], str]:
+        """The captures of `ids` as numpy, cut to T positions, and how they were computed:
+        "reused" (the session's sequence), "extended" (the session's sequence plus one token:
+        one cached step) or "prefilled" (a new sequence)."""
+        seq = self._sessions.get(session)
+        if seq is not None and seq.ids == ids:
+            self._sessions.move_to_end(session)
+            return seq.cap, "reused"
+        self._sessions.pop(session, None)  # its cache is donated below: never reuse it after
+        if seq is not None and seq.ids == ids[:-1]:
+            seq, how = self._extend(seq, ids[-1]), "extended"
+        else:
+            seq, how = self._prefill(ids), "prefilled"
+        self._sessions[session] = seq
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return seq.cap, how
 
     def bucket(self, n: int) -> int:
         """The padded length for n tokens: 16, 32 or 64 (capped at max_tokens), so a few
         compilations serve every length and a short prompt does not pay for 64 positions."""
         return min(self.max_tokens, max(16, 1 << (n - 1).bit_length()))
 
-    def _capture(self, ids: list[int]) -> dict[str, Any]:
+    def _run(self, cache: KVCache, slot: int, tokens: list[int]) -> tuple[KVCache, dict]:
+        """`forward_cached(capture=True)` of `tokens` at cache slots slot, slot + 1, ..."""
+        config = self.model.config
+        _, cache, cap = _capture_cached(
+            self.model.params, jnp.asarray([tokens], jnp.int32), config, cache,
+            jnp.int32(slot), jnp.zeros((1,), jnp.int32),
+        )  # fmt: skip
+        return cache, jax.tree.map(np.asarray, cap)
+
+    def _prefill(self, ids: list[int]) -> Sequence:
         T = len(ids)
-        padded_1S = np.zeros((1, self.bucket(T)), np.int32)
-        padded_1S[0, :T] = ids
-        _, cap = _forward_capture(self.model.params, jnp.asarray(padded_1S), self.model.config)
-        cap = jax.tree.map(np.asarray, cap)
-        return {
-            "x_embed": cap["x_embed"][0, :T],
-            "att": np.stack([lay["att"][0, :, :T, :T] for lay in cap["layers"]]),
-            "stages": np.stack(
-                [cap["x_embed"][0, :T]] + [lay["x_out"][0, :T] for lay in cap["layers"]]
-            ),  # [L+1, T, D]: the residual stream after embeddings and after each block
-            "logits": cap["logits"][0, :T],
-            "v": np.stack([lay["v"][0, :, :T] for lay in cap["layers"]]),  # [L, H, T, K]
-            "heads": np.stack([lay["heads"][0, :, :T] for lay in cap["layers"]]),  # [L, H, T, K]
-        }
+        padded = ids + [0] * (self.bucket(T) - T)
+        cache, cap = self._run(init_cache(self.model.config, 1, self.max_tokens), 0, padded)
+        return Sequence(list(ids), cache, _rows(cap, T, T))
+
+    def _extend(self, seq: Sequence, token: int) -> Sequence:
+        T = len(seq.ids)
+        cache, cap = self._run(seq.cache, T, [token])
+        new = _rows(cap, 1, T + 1)
+        old = seq.cap
+        merged = {name: np.concatenate([old[name], new[name]], axis=_ROW_AXIS[name])
+                  for name in old if name != "att"}  # fmt: skip
+        att = np.pad(old["att"], [(0, 0), (0, 0), (0, 0), (0, 1)])  # the new key: 0 for them
+        merged["att"] = np.concatenate([att, new["att"]], axis=2)
+        return Sequence([*seq.ids, token], cache, merged)
 
     def lens(self, cap: dict[str, Any], position: int) -> list[dict[str, Any]]:
         """Each stage's residual stream at `position` through ln_f + wteᵀ: top tokens, ‖x‖."""
@@ -154,18 +227,21 @@ class Explorer:
             return "(none: outside the tokenizer)"
         return raw.hex(" ")
 
-    def analyze(self, ids: list[int], position: int | None = None) -> dict[str, Any]:
-        """Everything the page draws for these ids (one forward pass)."""
+    def analyze(
+        self, ids: list[int], position: int | None = None, session: str = ""
+    ) -> dict[str, Any]:
+        """Everything the page draws for these ids (at most one forward pass)."""
         self.check_ids(ids)
         T = len(ids)
         position = T - 1 if position is None else self.check_position(position, T)
-        cap = self.capture(ids)
+        cap, how = self.capture(ids, session)
         last_V = cap["logits"][-1].astype(np.float64)
         top = np.argsort(-last_V, kind="stable")[: min(CANDIDATES, last_V.size)]
         log_z = float(np.log(np.exp(last_V - last_V.max()).sum()) + last_V.max())
         att = cap["att"]  # [L, H, T, T]: each row's first i + 1 entries (the causal triangle)
         return {
             "ids": ids,
+            "computed": how,
             "tokens": [
                 {"id": i, "piece": self.piece(i), "bytes": self.token_bytes(i)} for i in ids
             ],
@@ -188,11 +264,12 @@ class Explorer:
             raise InputError(f"position must be an integer from 0 to {T - 1}, got {position!r}")
         return position
 
-    def lens_at(self, ids: list[int], position: Any) -> list[dict[str, Any]]:
+    def lens_at(self, ids: list[int], position: Any, session: str = "") -> list[dict[str, Any]]:
         self.check_ids(ids)
-        return self.lens(self.capture(ids), self.check_position(position, len(ids)))
+        position = self.check_position(position, len(ids))
+        return self.lens(self.capture(ids, session)[0], position)
 
-    def head(self, ids: list[int], layer: Any, head: Any) -> dict[str, Any]:
+    def head(self, ids: list[int], layer: Any, head: Any, session: str = "") -> dict[str, Any]:
         """One head's value vectors v [T, K] and outputs [T, K]: the output of query i is the
         attention-weighted sum of v[0..i] (the page shows it for the hovered query)."""
         self.check_ids(ids)
@@ -200,7 +277,7 @@ class Explorer:
         for name, value, size in (("layer", layer, c.n_layer), ("head", head, c.n_head)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
                 raise InputError(f"{name} must be an integer from 0 to {size - 1}, got {value!r}")
-        cap = self.capture(ids)
+        cap, _ = self.capture(ids, session)
         return {
             "layer": layer, "head": head,
             "v": _round(cap["v"][layer, head], 6), "out": _round(cap["heads"][layer, head], 6),
@@ -208,35 +285,39 @@ class Explorer:
 
     # ------------------------------------------------------------------ sampling
 
-    def next_token(self, ids: list[int], settings: dict[str, Any]) -> int:
-        """One token sampled by the decoder with the page's settings."""
+    def next_token(self, ids: list[int], settings: dict[str, Any], session: str = "") -> int:
+        """One token sampled with the page's settings from the last position's logits (those of
+        the session's pass when `ids` is its sequence: no model call), with the key
+        `generate(ids, 1, key=jax.random.key(seed))` uses for its first token."""
         self.check_ids(ids)
         if len(ids) >= self.max_tokens:
             raise InputError(f"the sequence is already {len(ids)} tokens, the explorer's limit")
-        temperature = _number(settings.get("temperature", 1.0), "temperature", 0.0, 100.0)
-        top_k = settings.get("top_k")
-        top_p = settings.get("top_p")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
-            raise InputError(f"top-k must be a whole number >= 1 (or off), got {top_k!r}")
-        if top_p is not None:
-            top_p = _number(top_p, "top-p", 0.0, 1.0)
+        sampler = make_sampler(*sampling_settings(settings))
         seed = settings.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
             raise InputError(f"seed must be an integer from 0 to 2^31 - 1, got {seed!r}")
-        sampler = make_sampler(temperature, top_k, top_p)
-        # The decoder on the ids left-padded to a bucket length (row semantics of a ragged batch:
-        # the padding is masked and positions count from the first real slot), so a few
-        # compilations serve every length; the same keys as `generate(ids, 1, key=key(seed))`.
-        T = len(ids)
-        S = self.bucket(T)
-        tokens_1S = np.zeros((1, S), np.int32)
-        tokens_1S[0, S - T :] = ids
-        new_11 = decode_padded(
-            self.model.params, jnp.asarray(tokens_1S), jnp.asarray([S - T], jnp.int32),
-            jax.random.split(jax.random.key(seed), 1), sampler, np.int32(-1), np.int32(0),
-            config=self.model.config, max_new_tokens=1,
-        )  # fmt: skip
-        return int(new_11[0, 0])
+        cap, _ = self.capture(ids, session)
+        key = jax.random.split(jax.random.key(seed), 1)[0]
+        return int(_sample(sampler, jnp.asarray(cap["logits"][None, -1]), key)[0])
+
+
+# The axis that counts positions in each captured array (`_rows`).
+_ROW_AXIS = {"x_embed": 0, "stages": 1, "logits": 0, "v": 2, "heads": 2}
+
+
+def _rows(cap: dict[str, Any], n: int, keys: int) -> dict[str, np.ndarray]:
+    """The first n positions of a `forward_cached(capture=True)` capture of one row, in the
+    page's layout; attention over the first `keys` cache slots."""
+    layers = cap["layers"]
+    return {
+        "x_embed": cap["x_embed"][0, :n],
+        "att": np.stack([lay["att"][0, :, :n, :keys] for lay in layers]),  # [L, H, n, keys]
+        "stages": np.stack([cap["x_embed"][0, :n]] + [lay["x_out"][0, :n] for lay in layers]),
+        # ^ [L+1, n, D]: the residual stream after the embeddings and after each block
+        "logits": cap["logits"][0, :n],
+        "v": np.stack([lay["v"][0, :, :n] for lay in layers]),  # [L, H, n, K]
+        "heads": np.stack([lay["heads"][0, :, :n] for lay in layers]),  # [L, H, n, K]
+    }
 
 
 def _number(value: Any, name: str, lo: float, hi: float) -> float:

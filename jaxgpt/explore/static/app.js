@@ -4,19 +4,33 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const explorer = { info: null, data: null, drawn: null, position: 0, seed: 0, updates: 0 };
+// One page session: the server keeps this page's sequence and KV cache ("next token" extends it
+// by one token) and its chat conversation under this id.
+const session = (crypto.randomUUID ? crypto.randomUUID() :
+  Array.from({ length: 4 }, () => Math.random().toString(36).slice(2, 10)).join("-"));
+const explorer = { info: null, data: null, drawn: null, position: 0, seed: 0, updates: 0, session };
 window.explorer = explorer;
 
 // ------------------------------------------------------------------ talking to the server
 
 async function api(path, body) {
-  const response = await fetch(path, body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  });
+  const response = await post(path, body);
   let data;
   try { data = await response.json(); } catch { data = { error: `server answered ${response.status}` }; }
   if (!response.ok) throw new Error(data.error || `server answered ${response.status}`);
   return data;
+}
+
+function post(path, body) {  // GET without a body; every POST names the page session
+  return fetch(path, body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ session, ...body }),
+  });
+}
+
+function showError(message) {  // one line for the page; undefined hides it
+  $("error").textContent = message || "";
+  $("error").hidden = !message;
 }
 
 async function run(task) {
@@ -26,12 +40,11 @@ async function run(task) {
   try {
     await task();
     explorer.lastMs = performance.now() - started;  // request, JSON and drawing
-    $("error").hidden = true;
+    showError();
     document.body.dataset.state = "ready";
     $("status").textContent = "";
   } catch (err) {
-    $("error").textContent = err.message;
-    $("error").hidden = false;
+    showError(err.message);
     document.body.dataset.state = "error";
     $("status").textContent = "";
   }
@@ -274,8 +287,11 @@ function escapeXml(s) {
 // ------------------------------------------------------------------ everything
 
 function showTiming(data) {
+  const how = { prefilled: "a new sequence: prefilled", extended: "one token added with the KV cache",
+    reused: "the sequence already computed" }[data.computed] || "";
   $("timing").textContent = `page update ${Math.round(explorer.lastMs)} ms; server ` +
-    `${data.server_ms} ms` + (data.sample_ms !== undefined ? ` (sampling ${data.sample_ms} ms)` : "");
+    `${data.server_ms} ms` + (data.sample_ms !== undefined ? ` (sampling ${data.sample_ms} ms)` : "") +
+    ` — ${how}`;
 }
 
 function show(data) {
@@ -311,6 +327,109 @@ async function nextToken() {
   showTiming(explorer.data);
 }
 
+// ------------------------------------------------------------------ the chat tab
+
+const chat = { state: "idle", events: 0, replies: [] };
+explorer.chat = chat;
+
+function showTab(name) {
+  $("journey").hidden = name !== "journey";
+  $("chat").hidden = name !== "chat";
+  document.querySelectorAll(".tab").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+}
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  div.textContent = text;
+  $("chat-log").append(div);
+  return div;
+}
+
+function parseEvent(block) {  // one text/event-stream event: its type and JSON data
+  let type = "message", data = "";
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) type = line.slice(6).trim();
+    else if (line.startsWith("data:")) data += line.slice(5).trim();
+  }
+  return { type, data: JSON.parse(data) };
+}
+
+// Send the message; the reply streams into its bubble piece by piece as server-sent events.
+async function sendChat() {
+  const message = $("chat-input").value;
+  if (chat.state === "streaming" || !explorer.info || !explorer.info.chat) return;
+  chat.state = "streaming";
+  chat.events = 0;
+  const mine = bubble("user", message);
+  const reply = bubble("assistant", "");
+  const started = performance.now();
+  try {
+    const response = await post("/api/chat", {
+      message, max_new_tokens: Math.floor(Number($("chat-max").value)), ...settings() });
+    if (!response.ok) {
+      let data;
+      try { data = await response.json(); } catch { data = {}; }
+      mine.remove();
+      reply.remove();
+      throw new Error(data.error || `server answered ${response.status}`);
+    }
+    $("chat-input").value = "";
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "", done = null;
+    for (;;) {
+      const { value, done: ended } = await reader.read();
+      if (ended) break;
+      buffer += value;
+      for (let cut; (cut = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(cut + 2)) {
+        const event = parseEvent(buffer.slice(0, cut));
+        chat.events += 1;
+        if (event.type === "error") throw new Error(event.data.error);
+        if (event.type === "done") done = event.data;
+        else reply.textContent += event.data.piece;
+        $("chat-log").scrollTop = $("chat-log").scrollHeight;
+      }
+    }
+    if (!done) throw new Error("the reply stopped before its end (is the server still running?)");
+    chat.replies.push(reply.textContent);
+    const st = done.stats, ms = performance.now() - started;
+    $("chat-stats").textContent = `turn ${st.turn}: prefilled ${st.prefilled} tokens (a fresh ` +
+      `prefill of the whole conversation: ${st.without_reuse})${st.restarted ? ", context full: " +
+      "older turns dropped" : ""}; ${st.generated} tokens in ${Math.round(ms)} ms ` +
+      `(${chat.events} events)`;
+    showError();
+    chat.state = "done";
+  } catch (err) {
+    showError(err.message);
+    chat.state = "error";
+  }
+}
+
+async function resetChat() {
+  try {
+    await api("/api/chat/reset", {});
+    $("chat-log").replaceChildren();
+    $("chat-stats").textContent = "";
+    chat.replies = [];
+    chat.state = "idle";
+    showError();
+  } catch (err) { showError(err.message); }
+}
+
+function setUpChat(info) {
+  $("chat-absent").hidden = info.chat;
+  $("chat-box").hidden = !info.chat;
+  $("chat-absent").textContent = info.chat ? "" : `${info.chat_absent} The chat tab needs a ` +
+    "model fine-tuned on conversations (jaxgpt train chat_sft, docs/chat.md).";
+  $("tab-chat").title = info.chat ? "talk to the model" : "not a chat model";
+  for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => showTab(b.dataset.tab));
+  $("chat-send").addEventListener("click", sendChat);
+  $("chat-reset").addEventListener("click", resetChat);
+  $("chat-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); sendChat(); }
+  });
+}
+
 async function start() {
   await run(async () => {
     const info = await api("/api/model");
@@ -321,6 +440,7 @@ async function start() {
     const fill = (select, n) => select.replaceChildren(...Array.from({ length: n }, (_, i) => new Option(i, i)));
     fill($("layer"), info.n_layer);
     fill($("head"), info.n_head);
+    setUpChat(info);
   });
   $("run").addEventListener("click", analyze);
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.ctrlKey) analyze(); });
