@@ -38,7 +38,8 @@ from tqdm import tqdm
 from jaxgpt import atomic, batches, checkpoint, data, flops, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
-from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
+from jaxgpt.eval import load_tasks, score_tasks
+from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff, eval_tasks
 from jaxgpt.objectives import Objective, get_objective, next_token
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, grow_vocab, init_params
@@ -351,6 +352,15 @@ def sample_prompt_ids(tokenizer: Tokenizer, exp: Experiment) -> list[int]:
         ) from err
 
 
+def load_eval_tasks(exp: Experiment, tokenizer: Tokenizer, config: GPTConfig) -> dict:
+    """The run's `eval.tasks`, read and encoded once (`jaxgpt.eval.load_tasks`), by name."""
+    entries = eval_tasks(exp.eval)
+    if entries and jax.process_count() > 1:
+        raise ConfigError("eval.tasks runs in single-process training only; unset it here")
+    limit = exp.eval.task_limit or None
+    return load_tasks(entries, tokenizer, config, limit=limit)
+
+
 def check_resumable(exp: Experiment, run_dir: Path) -> dict[str, tuple]:
     """The keys a resume of `run_dir` changes, as {key: (stored, new)}; a ConfigError if any of
     them is neither in RESUMABLE_KEYS nor in ADJUSTABLE_KEYS."""
@@ -488,6 +498,7 @@ def run(
         config, params = initial_params(exp, tokenizer)
         check_params(params, config)
     sharding.check_parallelism(config, mesh, B)
+    tasks = load_eval_tasks(exp, tokenizer, config)  # read and checked before anything is written
     optimizer, step_fn, state_shardings = compiled_step(
         config, exp.optim, exp.schedule, mesh, objective
     )
@@ -576,6 +587,8 @@ def run(
 
             scored = arithmetic.evaluate_model(params, config, tokenizer, n=HELD_OUT_EVAL)
             out["held_out_acc"] = scored["accuracy"]
+        if tasks:
+            out.update(score_tasks(params, config, tasks))
         return out
 
     flops_per_token = flops.flops_per_token(config, T, training=True)

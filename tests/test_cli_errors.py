@@ -93,6 +93,15 @@ CASES = [
          "--data-dir {w}/data", "experiment.json", ("run_notjson",)),
     case("train-fresh-bad-init", "train {w}/tiny.py --out {w}/run --data-dir {w}/data --fresh "
          "--set model.init={w}/typo", "model.init", RUN),
+    case("train-eval-task-format", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=quiz:{w}/mc_ok.jsonl", "unknown format 'quiz'", RUN),
+    case("train-eval-task-missing", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=mc:{w}/nope.jsonl", "no such file", RUN),
+    case("train-eval-task-label", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=mc:{w}/mc_ok.jsonl,mc:{w}/mc_label.jsonl", "mc_label.jsonl:2: 'answer'",
+         RUN),
+    case("train-eval-task-chars", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=mc:{w}/mc_chars.jsonl", "mc_chars.jsonl:1: characters ['€']", RUN),
     # eval
     case("eval-json-missing-dir", "eval --model {w}/run --data {w}/data/tiny "
          "--json {w}/nope/out.json", "does not exist", RUN),
@@ -194,6 +203,10 @@ def _build_world(w: Path, corpus: Path) -> None:
     (w / "short.txt").write_text("To be, or not to be.\n" * 5)
     (w / "empty.txt").write_text("")
     (w / "afile").write_text("a file, not a directory\n")
+    ok = json.dumps({"context": "To be, or not to", "choices": ["be", "go"], "answer": 0})
+    (w / "mc_ok.jsonl").write_text(ok + "\n")
+    (w / "mc_label.jsonl").write_text(ok + "\n" + ok.replace('"answer": 0', '"answer": 2') + "\n")
+    (w / "mc_chars.jsonl").write_text(ok.replace("go", "\u20ac") + "\n", encoding="utf-8")
 
 
 def _run_case(c: Case, w: Path) -> subprocess.CompletedProcess:
