@@ -290,6 +290,81 @@ def _encode_rows(items: Sequence[ChoiceItem], tokenizer: Tokenizer, max_len: int
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodedChoices:
+    """Multiple-choice items tokenised once and laid out in padded batches, to score many times
+    (`score_choices`; training scores its `eval.tasks` this way at every evaluation)."""
+
+    items: tuple[ChoiceItem, ...]
+    # (row indices, tokens [batch, L], choice mask [batch, L-1]) per batch; L a bucket length
+    batches: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
+    choice_tokens: tuple[int, ...]  # tokens scored in each (item, choice) row
+
+
+def encode_choices(
+    items: Sequence[ChoiceItem], tokenizer: Tokenizer, config: GPTConfig, *, batch_size: int = 16
+) -> EncodedChoices:
+    """Tokenise every choice of every item and group the rows into padded batches.
+
+    Rows are grouped by padded length (`bucket_length`) and cut into batches of `batch_size`
+    rows. A context longer than the model's window keeps its last tokens. An item the tokenizer
+    cannot encode, or whose tokens fall outside the model's vocabulary, is an `InputError` naming
+    its file and line.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    cap = config.block_size + 1
+    rows = _encode_rows(items, tokenizer, cap)
+    by_length: dict[int, list[int]] = {}
+    for r, (ids, _) in enumerate(rows):
+        by_length.setdefault(bucket_length(len(ids), cap), []).append(r)
+    batches = []
+    for length, members in sorted(by_length.items()):
+        for i in range(0, len(members), batch_size):
+            batch = np.asarray(members[i : i + batch_size])
+            tokens_BT = np.zeros((batch_size, length), np.int32)
+            mask_BT1 = np.zeros((batch_size, length - 1), np.float32)
+            for row, r in enumerate(batch):
+                ids, n_choice = rows[r]
+                tokens_BT[row, : len(ids)] = ids
+                mask_BT1[row, len(ids) - 1 - n_choice : len(ids) - 1] = 1.0
+            batches.append((batch, tokens_BT, mask_BT1))
+    encoded = EncodedChoices(tuple(items), tuple(batches), tuple(n for _, n in rows))
+    _check_vocabulary(encoded, config)
+    return encoded
+
+
+def _check_vocabulary(encoded: EncodedChoices, config: GPTConfig) -> None:
+    # Under jit an out-of-range id would be clamped silently: refuse it here, naming the item.
+    starts = np.cumsum([0] + [len(item.choices) for item in encoded.items])
+    for rows, tokens_BT, _ in encoded.batches:
+        too_big = tokens_BT[: len(rows)].max(axis=1) >= config.vocab_size
+        if too_big.any():
+            item = encoded.items[int(np.searchsorted(starts, rows[too_big][0], side="right")) - 1]
+            raise InputError(
+                f"{item.where or 'an item'}: token id {int(tokens_BT.max())} is outside the "
+                f"model's vocabulary [0, {config.vocab_size - 1}]: the tokenizer is another model's"
+            )
+
+
+def score_choices(
+    params: Params, config: GPTConfig, encoded: EncodedChoices, *, progress: bool = False
+) -> ChoiceResult:
+    """Score `encoded`'s rows with `params` and reduce them to the two accuracies.
+
+    The jitted `masked_logprob_sum` compiles once per batch shape; later calls reuse it.
+    """
+    sums = np.zeros(len(encoded.choice_tokens), np.float64)
+    total = len(encoded.choice_tokens)
+    bar = tqdm(total=total, unit="choice", desc="scoring", disable=not progress, leave=False)
+    with bar:
+        for rows, tokens_BT, mask_BT1 in encoded.batches:
+            scored = masked_logprob_sum(params, config, jnp.asarray(tokens_BT), mask_BT1)
+            sums[rows] = np.asarray(scored)[: len(rows)]
+            bar.update(len(rows))
+    return _choice_result(encoded.items, sums, list(encoded.choice_tokens))
+
+
 def evaluate_choices(
     params: Params,
     config: GPTConfig,
@@ -299,33 +374,10 @@ def evaluate_choices(
     batch_size: int = 16,
     progress: bool = False,
 ) -> ChoiceResult:
-    """Score every choice of every item (see the module docstring) and the two accuracies.
-
-    Rows (one per item and choice) are grouped by padded length and run `batch_size` at a time.
-    A context longer than the model's window keeps its last tokens.
-    """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    cap = config.block_size + 1
-    rows = _encode_rows(items, tokenizer, cap)
-    sums = np.zeros(len(rows), np.float64)
-    by_length: dict[int, list[int]] = {}
-    for r, (ids, _) in enumerate(rows):
-        by_length.setdefault(bucket_length(len(ids), cap), []).append(r)
-    bar = tqdm(total=len(rows), unit="choice", desc="scoring", disable=not progress, leave=False)
-    with bar:
-        for length, members in sorted(by_length.items()):
-            for i in range(0, len(members), batch_size):
-                batch = members[i : i + batch_size]
-                tokens_BT = np.zeros((batch_size, length), np.int32)
-                mask_BT1 = np.zeros((batch_size, length - 1), np.float32)
-                for row, r in enumerate(batch):
-                    ids, n_choice = rows[r]
-                    tokens_BT[row, : len(ids)] = ids
-                    mask_BT1[row, len(ids) - 1 - n_choice : len(ids) - 1] = 1.0
-                sums[batch] = _score_rows(params, config, tokens_BT, mask_BT1)[: len(batch)]
-                bar.update(len(batch))
-    return _choice_result(items, sums, [n for _, n in rows])
+    """Score every choice of every item (see the module docstring) and the two accuracies:
+    `score_choices(params, config, encode_choices(items, tokenizer, config, ...))`."""
+    encoded = encode_choices(items, tokenizer, config, batch_size=batch_size)
+    return score_choices(params, config, encoded, progress=progress)
 
 
 def _choice_result(items: Sequence[ChoiceItem], sums: np.ndarray, counts: list[int]):
@@ -358,3 +410,40 @@ def _mean_stderr(values: list[float]) -> tuple[float, float | None]:
     if len(x) < 2:
         return float(x.mean()), None
     return float(x.mean()), float(np.sqrt(x.var(ddof=1) / len(x)))
+
+
+# --------------------------------------------------------------------------- during training
+
+
+def load_tasks(
+    tasks: Sequence[tuple[str, str, Path]],
+    tokenizer: Tokenizer,
+    config: GPTConfig,
+    *,
+    limit: int | None = None,
+) -> dict[str, EncodedChoices]:
+    """The multiple-choice files of a run's `eval.tasks` (`(name, format, path)` triples, see
+    `jaxgpt.experiment.eval_tasks`), read, checked and encoded once, by name.
+
+    Called before training starts: a missing file, a bad item or text the tokenizer cannot
+    encode is an `InputError` starting with `eval.tasks` and naming the file (and line).
+    """
+    out = {}
+    for name, fmt, path in tasks:
+        if not Path(path).is_file():
+            raise InputError(f"eval.tasks: {fmt}:{path}: no such file")
+        try:
+            items = read_choices(path, fmt, limit=limit)
+            out[name] = encode_choices(items, tokenizer, config)
+        except InputError as err:
+            raise InputError(f"eval.tasks ({fmt}): {err}") from err
+    return out
+
+
+def score_tasks(params: Params, config: GPTConfig, tasks: dict[str, EncodedChoices]):
+    """`{"task/<name>/acc": …, "task/<name>/acc_norm": …}` for `load_tasks`' output."""
+    out = {}
+    for name, encoded in tasks.items():
+        result = score_choices(params, config, encoded)
+        out[f"task/{name}/acc"], out[f"task/{name}/acc_norm"] = result.acc, result.acc_norm
+    return out

@@ -7,7 +7,8 @@ It has these sections, each a frozen dataclass:
     data        which corpus, how it is tokenised and split, the batch size
     optim       AdamW, weight decay, gradient clipping, gradient accumulation
     schedule    number of steps, linear warmup, cosine decay to a floor
-    eval        how often and on how many batches train/val loss is measured
+    eval        how often and on how many batches train/val loss is measured, the final
+                sample, and multiple-choice tasks scored at each evaluation
     checkpoint  how often to save and how many checkpoints to keep
     parallel    how the step is laid out on devices
     dpo         direct preference optimisation (runs on preference data): β and the reference
@@ -124,7 +125,12 @@ class ScheduleSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
-    """Train/val loss on `batches` fixed batches every `interval` steps; log every log_interval."""
+    """Train/val loss on `batches` fixed batches every `interval` steps; log every log_interval.
+
+    `tasks` adds multiple-choice files scored at each evaluation: comma-separated `FORMAT:PATH`
+    entries (FORMAT `hellaswag` or `mc`, see docs/eval.md), each logged as `task/<file stem>/acc`
+    and `task/<file stem>/acc_norm`; `task_limit` keeps each file's first items (0 = all).
+    """
 
     interval: int = 250
     batches: int = 20
@@ -133,6 +139,8 @@ class EvalSection:
     sample_prompt: str = "\n"
     temperature: float = 0.8
     top_k: int = 0  # 0 = no top-k filter
+    tasks: str = ""
+    task_limit: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +405,43 @@ def _validate_rl(exp: Experiment) -> None:
         value = getattr(rl, name)
         if not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
             raise ConfigError(f"rl.{name} must be a finite number > 0, got {value!r}")
+    eval_tasks(exp.eval)
+    limit = exp.eval.task_limit
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ConfigError(f"eval.task_limit must be an integer >= 0 (0 = all), got {limit!r}")
+
+
+def eval_tasks(ev: EvalSection) -> list[tuple[str, str, Path]]:
+    """`eval.tasks` as (name, format, path) triples; the name is the file's stem.
+
+    Only the syntax is checked here (the files are read when a run starts): a ConfigError for an
+    entry without `FORMAT:`, an unknown format, or two files with the same stem.
+    """
+    from jaxgpt.eval import FORMATS
+
+    if not isinstance(ev.tasks, str):
+        raise ConfigError(f"eval.tasks must be a string of FORMAT:PATH entries, got {ev.tasks!r}")
+    out: list[tuple[str, str, Path]] = []
+    for entry in filter(None, (e.strip() for e in ev.tasks.split(","))):
+        fmt, sep, path = entry.partition(":")
+        if not sep or not path.strip():
+            raise ConfigError(
+                f"eval.tasks entry {entry!r}: expected FORMAT:PATH with FORMAT one of "
+                f"{list(FORMATS)}, e.g. mc:questions.jsonl"
+            )
+        if fmt.strip() not in FORMATS:
+            raise ConfigError(
+                f"eval.tasks entry {entry!r}: unknown format {fmt.strip()!r}; expected one of "
+                f"{list(FORMATS)}"
+            )
+        path = Path(path.strip()).expanduser()
+        if path.stem in [name for name, _, _ in out]:
+            raise ConfigError(
+                f"eval.tasks: two files named {path.stem!r}; their metrics would share "
+                f"task/{path.stem}/acc (rename one)"
+            )
+        out.append((path.stem, fmt.strip(), path))
+    return out
 
 
 def _validate_eval_sampling(ev: EvalSection) -> None:

@@ -1,4 +1,5 @@
-"""The loss curve of a run: train loss per logged step and train/val loss at each evaluation."""
+"""The loss curve of a run: train loss per logged step and train/val loss at each evaluation;
+accuracies logged at the evaluations (held-out arithmetic, `eval.tasks`) on a second axis."""
 
 from __future__ import annotations
 
@@ -80,17 +81,29 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    scored = [r for r in evals if "held_out_acc" in r]
-    if scored:  # the arithmetic demo: held-out accuracy on a second axis
+    accuracies = _accuracy_series(evals)
+    if accuracies:  # the arithmetic demo's held-out accuracy and eval.tasks, on a second axis
         acc_ax = ax.twinx()
-        acc_steps = [r["step"] for r in scored]
-        acc = [100 * r["held_out_acc"] for r in scored]
-        (line,) = acc_ax.plot(acc_steps, acc, "^-", color="tab:red")
-        acc_ax.set_ylabel("held-out accuracy (%)")
+        markers = iter("^v<>DPX*" * 4)
+        for label, (acc_steps, acc) in accuracies.items():
+            (line,) = acc_ax.plot(acc_steps, acc, f"{next(markers)}--", lw=1)
+            handles, labels = [*handles, line], [*labels, label]
+        acc_ax.set_ylabel("accuracy (%)")
         acc_ax.set_ylim(0, 100)
-        handles, labels = [*handles, line], [*labels, "held-out accuracy (A ≡ B mod 7)"]
     ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _accuracy_series(evals: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """Legend label → (steps, accuracy in %) for every accuracy the eval rows carry."""
+    keys = [k for k in dict.fromkeys(k for r in evals for k in r) if k == "held_out_acc"
+            or (k.startswith("task/") and k.endswith(("/acc", "/acc_norm")))]  # fmt: skip
+    series = {}
+    for key in keys:
+        rows = [r for r in evals if key in r]
+        label = "held-out accuracy (A ≡ B mod 7)" if key == "held_out_acc" else key
+        series[label] = ([r["step"] for r in rows], [100 * r[key] for r in rows])
+    return series

@@ -49,7 +49,8 @@ from tqdm import tqdm
 from jaxgpt import atomic, batches, checkpoint, data, flops, heads, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import CheckpointFormatError, ConfigError, InputError, JaxgptError
-from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff
+from jaxgpt.eval import load_tasks, score_tasks
+from jaxgpt.experiment import Experiment, OptimSection, ScheduleSection, diff, eval_tasks
 from jaxgpt.objectives import Objective, get_objective, next_token, split_aux
 from jaxgpt.optim import make_optimizer
 from jaxgpt.params import Params, check_params, grow_vocab, init_params
@@ -381,6 +382,15 @@ def sample_prompt_ids(tokenizer: Tokenizer, exp: Experiment) -> list[int]:
         ) from err
 
 
+def load_eval_tasks(exp: Experiment, tokenizer: Tokenizer, config: GPTConfig) -> dict:
+    """The run's `eval.tasks`, read and encoded once (`jaxgpt.eval.load_tasks`), by name."""
+    entries = eval_tasks(exp.eval)
+    if entries and jax.process_count() > 1:
+        raise ConfigError("eval.tasks runs in single-process training only; unset it here")
+    limit = exp.eval.task_limit or None
+    return load_tasks(entries, tokenizer, config, limit=limit)
+
+
 def check_resumable(exp: Experiment, run_dir: Path) -> dict[str, tuple]:
     """The keys a resume of `run_dir` changes, as {key: (stored, new)}; a ConfigError if any of
     them is neither in RESUMABLE_KEYS nor in ADJUSTABLE_KEYS."""
@@ -676,6 +686,15 @@ class _Run:
     optimizer: optax.GradientTransformation
     step_fn: Any
     abstract_state: TrainState
+    tasks: dict = dataclasses.field(default_factory=dict)  # eval.tasks, encoded once
+
+
+def evaluate(r: _Run, params: Params) -> dict[str, float]:
+    """An evaluation: the stage's figures, and the score on each of `eval.tasks`."""
+    out = r.stage.evaluate(params, r.config)
+    if r.tasks:
+        out.update(score_tasks(params, r.config, r.tasks))
+    return out
 
 
 def validate(
@@ -703,6 +722,7 @@ def validate(
         config, params = initial_params(exp, stage.tokenizer)
         check_params(params, config)
     sharding.check_parallelism(config, mesh, exp.data.batch_size)
+    tasks = load_eval_tasks(exp, stage.tokenizer, config)  # read and checked before any write
     optimizer, step_fn, state_shardings = stage.compile(config)
     abstract_state = abstract_train_state(config, optimizer, state_shardings)
     # Compiled now, so that a step that cannot be built fails before the run directory changes;
@@ -722,7 +742,7 @@ def validate(
             file=sys.stderr,
         )
     return _Run(exp, run_dir, main, progress, mesh, stage, config, params, last, changes,
-                optimizer, step_fn, abstract_state)  # fmt: skip
+                optimizer, step_fn, abstract_state, tasks)  # fmt: skip
 
 
 def resume_or_start(r: _Run, manager: Any) -> tuple[TrainState, float]:
@@ -879,7 +899,7 @@ def train_loop(
                 if evaluated:
                     log.flush(manager)
                     t0 = time.perf_counter()
-                    last_eval = stage.evaluate(state.params, r.config)
+                    last_eval = evaluate(r, state.params)
                     log.write({"kind": "eval", "step": step, **last_eval,
                                "tokens": step * stage.tokens_per_step,
                                "elapsed_s": round(log.elapsed(), 3)})  # fmt: skip
@@ -913,7 +933,7 @@ def finish(r: _Run, state: TrainState, outcome: _Outcome, *, sample: bool) -> Ru
     end-of-training sample (process 0)."""
     exp, last_eval = r.exp, outcome.last_eval
     if not outcome.interrupted and not last_eval:  # resumed a finished run: report it anyway
-        last_eval = r.stage.evaluate(state.params, r.config)
+        last_eval = evaluate(r, state.params)
     result = RunResult(
         run_dir=r.run_dir, step=outcome.step, interrupted=outcome.interrupted,
         val_loss=last_eval.get("val_loss"), train_loss=last_eval.get("train_loss"),

@@ -121,6 +121,15 @@ CASES = [
          "--set rl.reward_model={w}/ref", "it must be a reward model", PPO),
     case("train-ppo-rm-as-reference", "train {w}/ppo.py --out {w}/ppo_run "
          "--set rl.reference={w}/ppo_rm", "rl.reference", PPO),
+    case("train-eval-task-format", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=quiz:{w}/mc_ok.jsonl", "unknown format 'quiz'", RUN),
+    case("train-eval-task-missing", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=mc:{w}/nope.jsonl", "no such file", RUN),
+    case("train-eval-task-label", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=mc:{w}/mc_ok.jsonl,mc:{w}/mc_label.jsonl", "mc_label.jsonl:2: 'answer'",
+         RUN),
+    case("train-eval-task-chars", "train {w}/tiny.py --out {w}/run --data-dir {w}/data "
+         "--set eval.tasks=mc:{w}/mc_chars.jsonl", "mc_chars.jsonl:1: characters ['€']", RUN),
     # eval
     case("eval-json-missing-dir", "eval --model {w}/run --data {w}/data/tiny "
          "--json {w}/nope/out.json", "does not exist", RUN),
@@ -264,6 +273,10 @@ def _build_world(w: Path, corpus: Path) -> None:
     prepare(w / "docs.jsonl", w / "bpe1", tokenizer="gpt2", workers=1, progress=False)
     for i in range(2, 7):
         shutil.copytree(w / "bpe1", w / f"bpe{i}")
+    ok = json.dumps({"context": "To be, or not to", "choices": ["be", "go"], "answer": 0})
+    (w / "mc_ok.jsonl").write_text(ok + "\n")
+    (w / "mc_label.jsonl").write_text(ok + "\n" + ok.replace('"answer": 0', '"answer": 2') + "\n")
+    (w / "mc_chars.jsonl").write_text(ok.replace("go", "\u20ac") + "\n", encoding="utf-8")
 
 
 def _run_case(c: Case, w: Path) -> subprocess.CompletedProcess:

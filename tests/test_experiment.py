@@ -142,3 +142,25 @@ def test_cli_bad_input_exits_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxgpt train: error:") and "Traceback" not in err
+
+
+def test_eval_tasks_syntax():
+    """`eval.tasks` entries are FORMAT:PATH, named by the file's stem; checked when the experiment
+    is built (the files themselves are read when a run starts)."""
+
+    from jaxgpt.experiment import EvalSection, eval_tasks
+
+    ev = EvalSection(tasks=" mc:a/quiz.jsonl, hellaswag:hs_val.jsonl ,")
+    assert eval_tasks(ev) == [("quiz", "mc", Path("a/quiz.jsonl")),
+                              ("hs_val", "hellaswag", Path("hs_val.jsonl"))]  # fmt: skip
+    assert eval_tasks(EvalSection()) == []
+    for tasks, message in [
+        ("quiz.jsonl", "expected FORMAT:PATH"),
+        ("mc:", "expected FORMAT:PATH"),
+        ("arc:quiz.jsonl", "unknown format 'arc'"),
+        ("mc:a/quiz.jsonl,hellaswag:b/quiz.jsonl", "two files named 'quiz'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            Experiment(eval=EvalSection(tasks=tasks))
+    with pytest.raises(ConfigError, match="eval.task_limit must be an integer >= 0"):
+        Experiment(eval=EvalSection(task_limit=-1))

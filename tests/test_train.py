@@ -426,3 +426,35 @@ def test_unencodable_sample_prompt_fails_before_training(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"eval.sample_prompt.*'☃', '✓'"):
         run(odd, run_dir=tmp_path / "run", data_root=data_root, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_eval_tasks_are_scored_at_each_evaluation(trained, tmp_path, tiny_experiment_file):
+    """`eval.tasks`: a multiple-choice file read once, scored at every evaluation, logged as
+    task/<stem>/acc and acc_norm; the last equals `evaluate_choices` on the final weights."""
+    from jaxgpt.eval import evaluate_choices, read_choices
+    from jaxgpt.plot import _accuracy_series
+
+    lines = [
+        {"context": "To be, or not to", "choices": ["be", "see", "go"], "answer": 0},
+        {"context": "What is your", "choices": ["name", "lord", "house"], "answer": 1},
+        {"context": "Good morrow, good", "choices": ["sir", "knight"], "answer": 0},
+        {"context": "ignored: past task_limit", "choices": ["a", "b"], "answer": 1},
+    ]
+    task = tmp_path / "quiz.jsonl"
+    task.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    # The settings of `trained` (30 steps, evaluations at 15 and 30): its compiled step is reused.
+    exp = load_experiment(
+        str(tiny_experiment_file()), [f"eval.tasks=mc:{task}", "eval.task_limit=3"]
+    )
+    result = run(exp, run_dir=tmp_path / "run", data_root=tmp_path / "data", progress=False,
+                 sample=False)  # fmt: skip
+    evals = [r for r in read_metrics(result.run_dir) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    config, params, tokenizer, _ = checkpoint.load_run_for_inference(result.run_dir)
+    expected = evaluate_choices(params, config, tokenizer, read_choices(task, "mc", limit=3))
+    assert evals[-1]["task/quiz/acc"] == expected.acc
+    assert evals[-1]["task/quiz/acc_norm"] == expected.acc_norm
+    assert all(r["task/quiz/acc"] in (0, 1 / 3, 2 / 3, 1) for r in evals)  # 3 items, not 4
+    series = _accuracy_series(evals)  # what loss.png draws on its second axis
+    assert list(series) == ["task/quiz/acc", "task/quiz/acc_norm"]
+    assert series["task/quiz/acc"] == ([15, 30], [100 * r["task/quiz/acc"] for r in evals])
