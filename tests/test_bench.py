@@ -53,8 +53,9 @@ def test_workload_rows(capsys, tmp_path, workload):
         if jax.devices()[0].platform == "cpu":  # the CPU model and cores are in the report
             assert row["device"].endswith(f"{os.cpu_count()} cores")
         assert row["tokens_per_s"] > 0 and math.isfinite(row["tokens_per_s"])
-        if "mfu" in row:
-            assert row["mfu"] == pytest.approx(row["tflops"] / row["peak_tflops"], rel=1e-6)
+        if "mfu" in row:  # NaN both when a loaded machine's timing noise hid the decode step
+            ratio = row["tflops"] / row["peak_tflops"]
+            assert row["mfu"] == pytest.approx(ratio, rel=1e-6, nan_ok=True)
     if workload in ("forward", "train"):
         (row,) = rows
         assert (row["batch"], row["seq"]) == (2, 16)
