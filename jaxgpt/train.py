@@ -499,7 +499,10 @@ def run(
         reference = dpo.load_reference(exp, tokenizer)
         options = dpo.source_options(exp, reference, progress=progress)
     source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
-    objective = get_objective(source.objective, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight)
+    objective = get_objective(
+        source.objective, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight,
+        first_difference=exp.dpo.tokens == "first_difference",
+    )  # fmt: skip
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     if sample and exp.eval.sample_tokens > 0:
         sample_prompt_ids(tokenizer, exp)  # fail now, not after the whole run
