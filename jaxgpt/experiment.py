@@ -163,6 +163,7 @@ class DPOSection:
       tokens: which tokens make a sequence's log-probability: "answer" (all of the answer's, as
         in the DPO paper) or "first_difference" (only the first token where chosen and rejected
         differ: one choice contrasted in one context; see `jaxgpt.objectives.dpo`).
+      freeze_embeddings: hold the token embedding (tied to the output layer) fixed.
     """
 
     beta: float = 0.1
@@ -170,6 +171,7 @@ class DPOSection:
     reference_logprobs: str = "precomputed"
     nll_weight: float = 0.0
     tokens: str = "answer"
+    freeze_embeddings: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

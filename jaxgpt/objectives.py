@@ -120,6 +120,7 @@ def dpo(
     beta: float = 0.1,
     nll_weight: float = 0.0,
     first_difference: bool = False,
+    freeze_embeddings: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """DPO on a batch of preference pairs: `dpo_loss` of the sequence log-probabilities.
 
@@ -136,10 +137,14 @@ def dpo(
     alone: both sides share everything before it, so the loss contrasts the two choices made in
     one context and leaves alone what follows the rejected choice (the rest of a wrong answer is
     often right given its mistake; pushing it down would teach the model to unlearn that). The
-    NLL term still covers the whole chosen answer. Returns (mean loss over the B pairs,
-    (B, metrics)).
+    NLL term still covers the whole chosen answer. `freeze_embeddings` holds the token
+    embedding fixed (no gradient): it is tied to the output layer, so pushing a rejected token
+    down would otherwise also move that token's *input* embedding everywhere it is read.
+    Returns (mean loss over the B pairs, (B, metrics)).
     """
     del key
+    if freeze_embeddings:
+        params = {**params, "wte": jax.lax.stop_gradient(params["wte"])}
     B = batch["chosen"].shape[0]
     tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
     masks_2BT1 = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]) > 0
@@ -173,25 +178,27 @@ def get_objective(
     beta: float | None = None,
     nll_weight: float = 0.0,
     first_difference: bool = False,
+    freeze_embeddings: bool = False,
 ) -> Objective:
     """The objective registered as `name`; for "dpo", with `beta` (default 0.1), `nll_weight`
-    (default 0) and `first_difference` (default False) bound.
+    (default 0), `first_difference` and `freeze_embeddings` (default False) bound.
 
     The same settings give the same function object, so the compiled step is reused.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    if name == "dpo" and (beta is not None or nll_weight or first_difference):
-        beta = 0.1 if beta is None else float(beta)
-        return _dpo_with(beta, float(nll_weight), bool(first_difference))
+    options = (float(nll_weight), bool(first_difference), bool(freeze_embeddings))
+    if name == "dpo" and (beta is not None or any(options)):
+        return _dpo_with(0.1 if beta is None else float(beta), *options)
     return OBJECTIVES[name]
 
 
 @functools.cache
-def _dpo_with(beta: float, nll_weight: float, first_difference: bool) -> Objective:
+def _dpo_with(beta: float, nll_weight: float, first_difference: bool, freeze: bool) -> Objective:
     return functools.partial(
-        dpo, beta=beta, nll_weight=nll_weight, first_difference=first_difference
-    )
+        dpo, beta=beta, nll_weight=nll_weight, first_difference=first_difference,
+        freeze_embeddings=freeze,
+    )  # fmt: skip
 
 
 def split_aux(aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:

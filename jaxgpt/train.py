@@ -502,6 +502,7 @@ def run(
     objective = get_objective(
         source.objective, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight,
         first_difference=exp.dpo.tokens == "first_difference",
+        freeze_embeddings=exp.dpo.freeze_embeddings,
     )  # fmt: skip
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     if sample and exp.eval.sample_tokens > 0:

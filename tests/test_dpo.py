@@ -111,6 +111,26 @@ def test_dpo_objective_equals_numpy_on_transformers_logprobs(hf_tiny, tmp_path):
     assert abs(want_first - want_loss) > 1e-3
 
 
+def test_freeze_embeddings_gives_the_token_embedding_no_gradient():
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.params import init_params
+
+    config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    params = init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch[side] = rng.integers(0, 16, (2, 9)).astype(np.int32)
+        batch[f"{side}_mask"] = np.array([[0] * 4 + [1] * 5] * 2, np.int32)
+        batch[f"{side}_reference"] = rng.normal(size=(2, 9)).astype(np.float32)
+    grads = {}
+    for freeze in (False, True):
+        objective = get_objective("dpo", freeze_embeddings=freeze)
+        _, grads[freeze] = jax.value_and_grad(objective, has_aux=True)(params, batch, config, None)
+    assert not np.asarray(grads[True]["wte"]).any() and np.asarray(grads[False]["wte"]).any()
+    np.testing.assert_array_equal(grads[True]["wpe"], grads[False]["wpe"])
+
+
 # --------------------------------------------------------------------------- DPO runs
 
 SFT_EXPERIMENT = """
