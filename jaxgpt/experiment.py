@@ -163,6 +163,7 @@ class ParallelSection:
 
 
 REFERENCE_LOGPROBS = ("precomputed", "on_the_fly")
+DPO_TOKENS = ("answer", "first_difference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,12 +179,18 @@ class DPOSection:
         "on_the_fly" (each batch scored as it is drawn: no table, one more forward per step).
       nll_weight: adds this multiple of the chosen answers' negative log-likelihood per token
         to the loss (0 = plain DPO); see `jaxgpt.objectives.dpo`.
+      tokens: which tokens make a sequence's log-probability: "answer" (all of the answer's, as
+        in the DPO paper) or "first_difference" (only the first token where chosen and rejected
+        differ: one choice contrasted in one context; see `jaxgpt.objectives.dpo`).
+      freeze_embeddings: hold the token embedding (tied to the output layer) fixed.
     """
 
     beta: float = 0.1
     reference: str = ""
     reference_logprobs: str = "precomputed"
     nll_weight: float = 0.0
+    tokens: str = "answer"
+    freeze_embeddings: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +368,8 @@ def validate(exp: Experiment) -> None:
     nll = exp.dpo.nll_weight
     if not isinstance(nll, (int, float)) or isinstance(nll, bool) or not 0 <= nll < math.inf:
         raise ConfigError(f"dpo.nll_weight must be a finite number >= 0, got {nll!r}")
+    if exp.dpo.tokens not in DPO_TOKENS:
+        raise ConfigError(f"dpo.tokens must be one of {DPO_TOKENS}, got {exp.dpo.tokens!r}")
     if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:
         raise ConfigError(
             f"dpo.reference_logprobs must be one of {REFERENCE_LOGPROBS}, got "

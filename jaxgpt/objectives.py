@@ -123,6 +123,8 @@ def dpo(
     *,
     beta: float = 0.1,
     nll_weight: float = 0.0,
+    first_difference: bool = False,
+    freeze_embeddings: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """DPO on a batch of preference pairs: `dpo_loss` of the sequence log-probabilities.
 
@@ -134,22 +136,39 @@ def dpo(
     DPO runs without dropout (`key` is ignored), so that the policy's log-probabilities are
     computed as the reference's were. `nll_weight` > 0 adds that multiple of the chosen answers'
     mean negative log-likelihood per token (DPO + NLL, "RPO": it keeps DPO from lowering the
-    chosen answers' probability along with the rejected ones'). Returns (mean loss over the B
-    pairs, (B, metrics)).
+    chosen answers' probability along with the rejected ones'). With `first_difference` the
+    sequence log-probabilities are those of the first token where the two conversations differ
+    alone: both sides share everything before it, so the loss contrasts the two choices made in
+    one context and leaves alone what follows the rejected choice (the rest of a wrong answer is
+    often right given its mistake; pushing it down would teach the model to unlearn that). The
+    NLL term still covers the whole chosen answer. `freeze_embeddings` holds the token
+    embedding fixed (no gradient): it is tied to the output layer, so pushing a rejected token
+    down would otherwise also move that token's *input* embedding everywhere it is read.
+    Returns (mean loss over the B pairs, (B, metrics)).
     """
     del key
+    if freeze_embeddings:
+        params = {**params, "wte": jax.lax.stop_gradient(params["wte"])}
     B = batch["chosen"].shape[0]
     tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
-    weights_2BT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])[:, 1:] > 0
+    masks_2BT1 = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]) > 0
+    chosen_answer_BT = masks_2BT1[:B, 1:]
+    if first_difference:
+        first_B = jnp.argmax(batch["chosen"] != batch["rejected"], axis=-1)
+        at_first_BT1 = jnp.arange(masks_2BT1.shape[-1]) == first_B[:, None]
+        masks_2BT1 = masks_2BT1 & jnp.concatenate([at_first_BT1, at_first_BT1])
+    weights_2BT = masks_2BT1[:, 1:]
     reference_2BT = jnp.concatenate([batch["chosen_reference"], batch["rejected_reference"]])
-    policy_2B = jnp.where(weights_2BT, logprobs(params, config, tokens_2BT1), 0.0).sum(-1)
+    logp_2BT = logprobs(params, config, tokens_2BT1)
+    policy_2B = jnp.where(weights_2BT, logp_2BT, 0.0).sum(-1)
     ref_2B = jnp.where(weights_2BT, reference_2BT[:, 1:], 0.0).sum(-1)
     loss, metrics = dpo_loss(policy_2B[:B], policy_2B[B:], ref_2B[:B], ref_2B[B:], beta)
     # Mean of log π - log π_ref over the chosen answers: how far the policy has moved from the
     # reference on them (its expectation under π would be the KL).
     metrics["logratio_chosen"] = (policy_2B[:B] - ref_2B[:B]).mean()
-    chosen_tokens = jnp.maximum(weights_2BT[:B].sum(), 1).astype(jnp.float32)
-    metrics["nll_chosen"] = -policy_2B[:B].sum() / chosen_tokens
+    chosen_tokens = jnp.maximum(chosen_answer_BT.sum(), 1).astype(jnp.float32)
+    logp_BT = jnp.where(chosen_answer_BT, logp_2BT[:B], 0.0)
+    metrics["nll_chosen"] = -logp_BT.sum() / chosen_tokens
     metrics["dpo_loss"] = loss
     return loss + nll_weight * metrics["nll_chosen"], (jnp.float32(B), metrics)
 
@@ -157,22 +176,33 @@ def dpo(
 OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft, "dpo": dpo}
 
 
-def get_objective(name: str, *, beta: float | None = None, nll_weight: float = 0.0) -> Objective:
-    """The objective registered as `name`; for "dpo", with `beta` (default 0.1) and
-    `nll_weight` (default 0) bound.
+def get_objective(
+    name: str,
+    *,
+    beta: float | None = None,
+    nll_weight: float = 0.0,
+    first_difference: bool = False,
+    freeze_embeddings: bool = False,
+) -> Objective:
+    """The objective registered as `name`; for "dpo", with `beta` (default 0.1), `nll_weight`
+    (default 0), `first_difference` and `freeze_embeddings` (default False) bound.
 
     The same settings give the same function object, so the compiled step is reused.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    if name == "dpo" and (beta is not None or nll_weight):
-        return _dpo_with(0.1 if beta is None else float(beta), float(nll_weight))
+    options = (float(nll_weight), bool(first_difference), bool(freeze_embeddings))
+    if name == "dpo" and (beta is not None or any(options)):
+        return _dpo_with(0.1 if beta is None else float(beta), *options)
     return OBJECTIVES[name]
 
 
 @functools.cache
-def _dpo_with(beta: float, nll_weight: float) -> Objective:
-    return functools.partial(dpo, beta=beta, nll_weight=nll_weight)
+def _dpo_with(beta: float, nll_weight: float, first_difference: bool, freeze: bool) -> Objective:
+    return functools.partial(
+        dpo, beta=beta, nll_weight=nll_weight, first_difference=first_difference,
+        freeze_embeddings=freeze,
+    )  # fmt: skip
 
 
 def split_aux(aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -568,7 +568,11 @@ def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) 
         data_dir, B, T, A, exp.data.seed, align_documents=exp.data.align_documents, **options
     )
     objective_name = "reward" if reward_stage else source.objective
-    objective = get_objective(objective_name, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight)
+    objective = get_objective(
+        objective_name, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight,
+        first_difference=exp.dpo.tokens == "first_difference",
+        freeze_embeddings=exp.dpo.freeze_embeddings,
+    )  # fmt: skip
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     rows = sharding.host_rows(B)  # this process reads only its share of every batch
     train_sharding = sharding.batch_sharding(mesh, accum=True)

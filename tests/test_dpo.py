@@ -57,13 +57,17 @@ def test_dpo_objective_equals_numpy_on_transformers_logprobs(hf_tiny, tmp_path):
     ref_config, ref_params = load_hf(tmp_path / "ref")
 
     rng = np.random.default_rng(0)
-    B, T1 = 3, 20
+    B, T1, V = 3, 20, TINY_HF["vocab_size"]
     batch = {}
+    spans = [(8, 20), (5, 14), (11, 17)]  # each row's answer; after it the row is padding
     for side in ("chosen", "rejected"):
-        tokens = rng.integers(0, TINY_HF["vocab_size"], (B, T1)).astype(np.int32)
+        tokens = rng.integers(0, V, (B, T1)).astype(np.int32)
         mask = np.zeros((B, T1), np.int32)
-        for b, (start, stop) in enumerate([(8, 20), (5, 14), (11, 17)]):
-            mask[b, start:stop] = 1  # the answer; after `stop` the row is padding
+        for b, (start, stop) in enumerate(spans):
+            if side == "rejected":  # the same prompt and first two answer tokens, then not
+                tokens[b, : start + 2] = batch["chosen"][b, : start + 2]
+                tokens[b, start + 2] = (batch["chosen"][b, start + 2] + 1) % V
+            mask[b, start:stop] = 1
             tokens[b, stop:] = 0
         batch[side], batch[f"{side}_mask"] = tokens, mask
         batch[f"{side}_reference"] = reference_logprobs(ref_params, ref_config)(tokens)
@@ -91,6 +95,40 @@ def test_dpo_objective_equals_numpy_on_transformers_logprobs(hf_tiny, tmp_path):
     )
     nll = -seq(policy_hf, "chosen").sum() / batch["chosen_mask"][:, 1:].sum()
     np.testing.assert_allclose(float(with_nll), want_loss + 0.3 * nll, rtol=1e-4)
+
+    # first_difference: only the first token where the two rows differ (answer token 2).
+    def first(model, side):
+        logp_BT = _torch_token_logprobs(model, batch[side])
+        return np.array([logp_BT[b, start + 1] for b, (start, _) in enumerate(spans)])
+
+    want_first, _ = _numpy_dpo(
+        first(policy_hf, "chosen"), first(policy_hf, "rejected"),
+        first(reference_hf, "chosen"), first(reference_hf, "rejected"), beta,
+    )  # fmt: skip
+    objective = get_objective("dpo", beta=beta, first_difference=True)
+    got_first, _ = jax.jit(objective, static_argnums=2)(params, batch, config, None)
+    np.testing.assert_allclose(float(got_first), want_first, rtol=1e-4, atol=1e-5)
+    assert abs(want_first - want_loss) > 1e-3
+
+
+def test_freeze_embeddings_gives_the_token_embedding_no_gradient():
+    from jaxgpt.config import GPTConfig
+    from jaxgpt.params import init_params
+
+    config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    params = init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch[side] = rng.integers(0, 16, (2, 9)).astype(np.int32)
+        batch[f"{side}_mask"] = np.array([[0] * 4 + [1] * 5] * 2, np.int32)
+        batch[f"{side}_reference"] = rng.normal(size=(2, 9)).astype(np.float32)
+    grads = {}
+    for freeze in (False, True):
+        objective = get_objective("dpo", freeze_embeddings=freeze)
+        _, grads[freeze] = jax.value_and_grad(objective, has_aux=True)(params, batch, config, None)
+    assert not np.asarray(grads[True]["wte"]).any() and np.asarray(grads[False]["wte"]).any()
+    np.testing.assert_array_equal(grads[True]["wpe"], grads[False]["wpe"])
 
 
 # --------------------------------------------------------------------------- DPO runs
