@@ -258,13 +258,15 @@ def stage_figures(
         t0 = time.perf_counter()
         path = Path(run_dir) / HELD_OUT_PAIRS
         built = held_out_pairs(exp.model.init, path)
-        chosen, rejected = score_preferences(
-            params, config, tokenizer, preferences.read_preferences(path), batch_size=64
-        )
-        acc, se = pairwise_accuracy(chosen, rejected)
+        held_out = preferences.read_preferences(path)
+        scored: dict[str, Any] = {"n": 0}  # no pairs when every prompt's answers tie
+        if held_out:
+            chosen, rejected = score_preferences(params, config, tokenizer, held_out, batch_size=64)
+            acc, se = pairwise_accuracy(chosen, rejected)
+            scored = {"accuracy": acc, "stderr": se, "margin": float(np.mean(chosen - rejected)),
+                      "n": len(chosen)}  # fmt: skip
         figures["held_out_pairs"] = {
-            "accuracy": acc, "stderr": se, "margin": float(np.mean(chosen - rejected)),
-            "n": len(chosen), "prompts": built.prompts, "file": HELD_OUT_PAIRS,
+            **scored, "prompts": built.prompts, "file": HELD_OUT_PAIRS,
             "eval_wall_s": round(time.perf_counter() - t0, 1),
         }  # fmt: skip
     return figures
