@@ -148,6 +148,7 @@ class ParallelSection:
 
 
 REFERENCE_LOGPROBS = ("precomputed", "on_the_fly")
+DPO_TOKENS = ("answer", "first_difference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +162,18 @@ class DPOSection:
         policy starts from).
       reference_logprobs: "precomputed" (every training pair scored once when the run starts) or
         "on_the_fly" (each batch scored as it is drawn: no table, one more forward per step).
+      nll_weight: adds this multiple of the chosen answers' negative log-likelihood per token
+        to the loss (0 = plain DPO); see `jaxgpt.objectives.dpo`.
+      tokens: which tokens make a sequence's log-probability: "answer" (all of the answer's, as
+        in the DPO paper) or "first_difference" (only the first token where chosen and rejected
+        differ: one choice contrasted in one context; see `jaxgpt.objectives.dpo`).
     """
 
     beta: float = 0.1
     reference: str = ""
     reference_logprobs: str = "precomputed"
+    nll_weight: float = 0.0
+    tokens: str = "answer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +305,11 @@ def validate(exp: Experiment) -> None:
     beta = exp.dpo.beta
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
         raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta!r}")
+    nll = exp.dpo.nll_weight
+    if not isinstance(nll, (int, float)) or isinstance(nll, bool) or not 0 <= nll < math.inf:
+        raise ConfigError(f"dpo.nll_weight must be a finite number >= 0, got {nll!r}")
+    if exp.dpo.tokens not in DPO_TOKENS:
+        raise ConfigError(f"dpo.tokens must be one of {DPO_TOKENS}, got {exp.dpo.tokens!r}")
     if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:
         raise ConfigError(
             f"dpo.reference_logprobs must be one of {REFERENCE_LOGPROBS}, got "

@@ -121,6 +121,8 @@ def dpo(
     key: jax.Array | None,
     *,
     beta: float = 0.1,
+    nll_weight: float = 0.0,
+    first_difference: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """DPO on a batch of preference pairs: `dpo_loss` of the sequence log-probabilities.
 
@@ -130,40 +132,69 @@ def dpo(
     log-probability is the sum over the answer's tokens, `t` with `mask[t] = 1`, of
     `log p(token t | tokens before it)`. Both sides go through the model as one `[2B, T]` batch.
     DPO runs without dropout (`key` is ignored), so that the policy's log-probabilities are
-    computed as the reference's were. Returns (mean loss over the B pairs, (B, metrics)).
+    computed as the reference's were. `nll_weight` > 0 adds that multiple of the chosen answers'
+    mean negative log-likelihood per token (DPO + NLL, "RPO": it keeps DPO from lowering the
+    chosen answers' probability along with the rejected ones'). With `first_difference` the
+    sequence log-probabilities are those of the first token where the two conversations differ
+    alone: both sides share everything before it, so the loss contrasts the two choices made in
+    one context and leaves alone what follows the rejected choice (the rest of a wrong answer is
+    often right given its mistake; pushing it down would teach the model to unlearn that). The
+    NLL term still covers the whole chosen answer. Returns (mean loss over the B pairs,
+    (B, metrics)).
     """
     del key
     B = batch["chosen"].shape[0]
     tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
-    weights_2BT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])[:, 1:] > 0
+    masks_2BT1 = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]]) > 0
+    chosen_answer_BT = masks_2BT1[:B, 1:]
+    if first_difference:
+        first_B = jnp.argmax(batch["chosen"] != batch["rejected"], axis=-1)
+        at_first_BT1 = jnp.arange(masks_2BT1.shape[-1]) == first_B[:, None]
+        masks_2BT1 = masks_2BT1 & jnp.concatenate([at_first_BT1, at_first_BT1])
+    weights_2BT = masks_2BT1[:, 1:]
     reference_2BT = jnp.concatenate([batch["chosen_reference"], batch["rejected_reference"]])
-    policy_2B = jnp.where(weights_2BT, logprobs(params, config, tokens_2BT1), 0.0).sum(-1)
+    logp_2BT = logprobs(params, config, tokens_2BT1)
+    policy_2B = jnp.where(weights_2BT, logp_2BT, 0.0).sum(-1)
     ref_2B = jnp.where(weights_2BT, reference_2BT[:, 1:], 0.0).sum(-1)
     loss, metrics = dpo_loss(policy_2B[:B], policy_2B[B:], ref_2B[:B], ref_2B[B:], beta)
     # Mean of log π - log π_ref over the chosen answers: how far the policy has moved from the
     # reference on them (its expectation under π would be the KL).
     metrics["logratio_chosen"] = (policy_2B[:B] - ref_2B[:B]).mean()
-    return loss, (jnp.float32(B), metrics)
+    chosen_tokens = jnp.maximum(chosen_answer_BT.sum(), 1).astype(jnp.float32)
+    logp_BT = jnp.where(chosen_answer_BT, logp_2BT[:B], 0.0)
+    metrics["nll_chosen"] = -logp_BT.sum() / chosen_tokens
+    metrics["dpo_loss"] = loss
+    return loss + nll_weight * metrics["nll_chosen"], (jnp.float32(B), metrics)
 
 
 OBJECTIVES: dict[str, Objective] = {"next_token": next_token, "sft": sft, "dpo": dpo}
 
 
-def get_objective(name: str, *, beta: float | None = None) -> Objective:
-    """The objective registered as `name`; for "dpo", with `beta` (default 0.1) bound.
+def get_objective(
+    name: str,
+    *,
+    beta: float | None = None,
+    nll_weight: float = 0.0,
+    first_difference: bool = False,
+) -> Objective:
+    """The objective registered as `name`; for "dpo", with `beta` (default 0.1), `nll_weight`
+    (default 0) and `first_difference` (default False) bound.
 
     The same settings give the same function object, so the compiled step is reused.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
-    if name == "dpo" and beta is not None:
-        return _dpo_with(float(beta))
+    if name == "dpo" and (beta is not None or nll_weight or first_difference):
+        beta = 0.1 if beta is None else float(beta)
+        return _dpo_with(beta, float(nll_weight), bool(first_difference))
     return OBJECTIVES[name]
 
 
 @functools.cache
-def _dpo_with(beta: float) -> Objective:
-    return functools.partial(dpo, beta=beta)
+def _dpo_with(beta: float, nll_weight: float, first_difference: bool) -> Objective:
+    return functools.partial(
+        dpo, beta=beta, nll_weight=nll_weight, first_difference=first_difference
+    )
 
 
 def split_aux(aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -11,6 +11,8 @@ The pairing rule (`pair_answers`), per prompt:
 
 * an answer cut off by the token limit (no `<|end|>`) scores as the worst possible: it is never
   chosen;
+* an answer holding another chat token (e.g. one that opens a new turn) is dropped: a preference
+  line is text, where that token cannot be written;
 * the chosen candidates are the distinct answers with the best score, the rejected candidates the
   distinct answers with a lower one (worst first);
 * a prompt whose answers all score the same (all right, or all wrong: a tie) gives no pair —
@@ -124,6 +126,7 @@ class PairStats:
     with_pairs: int
     pairs: int
     no_pairs: int  # prompts whose answers all scored the same (a tie: no pair)
+    dropped: int  # answers holding a chat token other than the final <|end|>
     mean_score: float
 
 
@@ -151,7 +154,8 @@ def build_pairs(
     """
     from jaxgpt.decode import generate
 
-    end = chat.chat_tokens(tokenizer).end
+    ids_of = chat.chat_tokens(tokenizer)
+    end, specials = ids_of.end, set(dataclasses.astuple(ids_of))
     encoded = [chat.render_prompt(p, tokenizer) for p in prompts]
     longest = max(len(p) for p in encoded)
     if longest >= config.block_size:
@@ -163,7 +167,7 @@ def build_pairs(
     per_batch = max(1, batch_rows // samples)
     key = jax.random.key(seed)
     lines: list[dict[str, Any]] = []
-    with_pairs = 0
+    with_pairs = dropped = 0
     scores: list[float] = []
     bar = tqdm(total=len(prompts), desc="sampling", unit=" prompt", disable=not progress)
     with bar:
@@ -176,17 +180,22 @@ def build_pairs(
                 for row, out_row in zip(rows[i * samples :], outs[i * samples : (i + 1) * samples]):
                     new = out_row[len(row) :]
                     finished = bool(new) and new[-1] == end
-                    text = tokenizer.decode(new[:-1] if finished else new)
+                    body = new[:-1] if finished else new
+                    if specials.intersection(body):
+                        dropped += 1
+                        continue
+                    text = tokenizer.decode(body)
                     answers.append(Answer(text, scorer(prompt, text), finished))
                 scores += [a.score for a in answers]
-                pairs = pair_answers(answers, max_pairs)
+                pairs = pair_answers(answers, max_pairs) if answers else []
                 with_pairs += bool(pairs)
                 lines += [_line(prompt, c, r, task) for c, r in pairs]
             bar.update(min(per_batch, len(prompts) - start))
     with atomic.staged_file(out) as handle:
         handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     n = len(prompts)
-    return PairStats(n, with_pairs, len(lines), n - with_pairs, float(np.mean(scores)))
+    mean = float(np.mean(scores)) if scores else math.nan
+    return PairStats(n, with_pairs, len(lines), n - with_pairs, dropped, mean)
 
 
 def _line(prompt: Messages, chosen: Answer, rejected: Answer, task: str) -> dict[str, Any]:
@@ -216,5 +225,6 @@ def summary(stats: PairStats, out: Path) -> str:
     return (
         f"wrote {stats.pairs:,} pairs to {out}: {stats.with_pairs:,} of {stats.prompts:,} "
         f"prompts gave pairs, {stats.no_pairs:,} gave none (all answers scored the same); "
-        f"mean score of the samples {stats.mean_score:.3f}"
+        f"mean score of the samples {stats.mean_score:.3f}; {stats.dropped:,} answers holding a "
+        f"chat token dropped"
     )

@@ -507,8 +507,10 @@ def run(
         reference = dpo.load_reference(exp, tokenizer)
         options = dpo.source_options(exp, reference, progress=progress)
     source = batches.make_source(data_dir, B, T, A, exp.data.seed, **options)
-    objective_name = "reward" if reward_stage else source.objective
-    objective = get_objective(objective_name, beta=exp.dpo.beta)
+    objective = get_objective(
+        "reward" if reward_stage else source.objective, beta=exp.dpo.beta,
+        nll_weight=exp.dpo.nll_weight, first_difference=exp.dpo.tokens == "first_difference",
+    )  # fmt: skip
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     sample = sample and exp.model.head != "reward"  # a reward model writes no text
     if sample and exp.eval.sample_tokens > 0:

@@ -57,13 +57,17 @@ def test_dpo_objective_equals_numpy_on_transformers_logprobs(hf_tiny, tmp_path):
     ref_config, ref_params = load_hf(tmp_path / "ref")
 
     rng = np.random.default_rng(0)
-    B, T1 = 3, 20
+    B, T1, V = 3, 20, TINY_HF["vocab_size"]
     batch = {}
+    spans = [(8, 20), (5, 14), (11, 17)]  # each row's answer; after it the row is padding
     for side in ("chosen", "rejected"):
-        tokens = rng.integers(0, TINY_HF["vocab_size"], (B, T1)).astype(np.int32)
+        tokens = rng.integers(0, V, (B, T1)).astype(np.int32)
         mask = np.zeros((B, T1), np.int32)
-        for b, (start, stop) in enumerate([(8, 20), (5, 14), (11, 17)]):
-            mask[b, start:stop] = 1  # the answer; after `stop` the row is padding
+        for b, (start, stop) in enumerate(spans):
+            if side == "rejected":  # the same prompt and first two answer tokens, then not
+                tokens[b, : start + 2] = batch["chosen"][b, : start + 2]
+                tokens[b, start + 2] = (batch["chosen"][b, start + 2] + 1) % V
+            mask[b, start:stop] = 1
             tokens[b, stop:] = 0
         batch[side], batch[f"{side}_mask"] = tokens, mask
         batch[f"{side}_reference"] = reference_logprobs(ref_params, ref_config)(tokens)
@@ -85,6 +89,26 @@ def test_dpo_objective_equals_numpy_on_transformers_logprobs(hf_tiny, tmp_path):
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-4, atol=1e-5)
     assert float(metrics["reward_accuracy"]) == pytest.approx(want_acc)
     assert abs(want_loss - np.log(2)) > 1e-2  # the two models differ: a non-trivial value
+    # DPO + NLL: plus the chosen answers' negative log-likelihood per answer token.
+    with_nll, _ = jax.jit(get_objective("dpo", beta=beta, nll_weight=0.3), static_argnums=2)(
+        params, batch, config, None
+    )
+    nll = -seq(policy_hf, "chosen").sum() / batch["chosen_mask"][:, 1:].sum()
+    np.testing.assert_allclose(float(with_nll), want_loss + 0.3 * nll, rtol=1e-4)
+
+    # first_difference: only the first token where the two rows differ (answer token 2).
+    def first(model, side):
+        logp_BT = _torch_token_logprobs(model, batch[side])
+        return np.array([logp_BT[b, start + 1] for b, (start, _) in enumerate(spans)])
+
+    want_first, _ = _numpy_dpo(
+        first(policy_hf, "chosen"), first(policy_hf, "rejected"),
+        first(reference_hf, "chosen"), first(reference_hf, "rejected"), beta,
+    )  # fmt: skip
+    objective = get_objective("dpo", beta=beta, first_difference=True)
+    got_first, _ = jax.jit(objective, static_argnums=2)(params, batch, config, None)
+    np.testing.assert_allclose(float(got_first), want_first, rtol=1e-4, atol=1e-5)
+    assert abs(want_first - want_loss) > 1e-3
 
 
 # --------------------------------------------------------------------------- DPO runs

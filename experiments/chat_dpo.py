@@ -1,0 +1,50 @@
+"""DPO on the arithmetic chat demo: the SFT model learns from its own ranked answers.
+
+    jaxgpt train chat_sft                                              # part 1: runs/chat_sft
+    jaxgpt pairs --model runs/chat_sft --out data/chat_arithmetic_pairs.jsonl
+    jaxgpt train chat_dpo
+
+`jaxgpt pairs` samples 4 answers to each of 2,000 training problems from the SFT model, scores
+them with the verifier and pairs a right answer with a wrong one (a prompt whose answers are all
+right, or all wrong, gives no pair). DPO then starts from the SFT run, which is also its frozen
+reference, and raises the right answers' log-probability relative to the wrong ones'. No
+held-out problem (A ≡ B mod 7) is a prompt; the run ends by scoring 500 of them and measuring the
+KL to the SFT model on its own answers to them (report.json). Figures in docs/chat.md.
+"""
+
+from jaxgpt.experiment import (
+    CheckpointSection,
+    DataSection,
+    DPOSection,
+    EvalSection,
+    Experiment,
+    ModelSection,
+    OptimSection,
+    ScheduleSection,
+)
+
+EXPERIMENT = Experiment(
+    name="chat_dpo",
+    # The shape comes from the SFT run; 64 tokens hold every prompt + answer of the demo.
+    model=ModelSection(block_size=64, dropout=0.0, init="runs/chat_sft"),
+    data=DataSection(
+        dataset="chat_arithmetic_pairs",
+        format="preference",
+        source="data/chat_arithmetic_pairs.jsonl",
+        tokenizer="char",
+        val_fraction=0.05,
+        batch_size=32,
+    ),
+    optim=OptimSection(lr=3e-4, weight_decay=0.0, grad_clip=1.0),
+    schedule=ScheduleSection(max_steps=150, warmup_steps=10, min_lr_ratio=0.1),
+    eval=EvalSection(
+        interval=50,
+        batches=4,
+        log_interval=10,
+        sample_tokens=40,
+        sample_prompt="What is 12 + 34?",
+        temperature=0.0,
+    ),
+    checkpoint=CheckpointSection(interval=50, keep=2),
+    dpo=DPOSection(beta=0.1),
+)
