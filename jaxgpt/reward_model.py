@@ -17,7 +17,9 @@ bucket (a power of two, at most `block_size`), so a file of any size compiles a 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -236,24 +238,60 @@ def stage_figures(
     last_eval: dict[str, float],
     *,
     arithmetic_task: bool,
+    run_dir: Any = None,
 ) -> dict[str, Any]:
     """The reward-model part of report.json: pairwise accuracy on every val pair, each scored
     once (their prompts are never trained on: the split is by prompt), and for the arithmetic
-    demo on pairs of held-out problems made for this evaluation only (`held_out_pairs`)."""
-    import time
-
-    from jaxgpt import preferences
+    demo started from a chat run, on pairs of held-out problems made for this evaluation only
+    (`held_out_pairs`, written to `run_dir/held_out_pairs.jsonl`)."""
+    from jaxgpt import checkpoint, preferences
 
     t0 = time.perf_counter()
-    val = evaluate_pairs(
-        params, config, *prepared_sequences(preferences.load_pairs(data_dir, "val"))
-    )
+    pairs = preferences.load_pairs(data_dir, "val")
+    val = evaluate_pairs(params, config, *prepared_sequences(pairs))
     figures: dict[str, Any] = {
         "init": exp.model.init,
         "val_pairs": {**val, "eval_wall_s": round(time.perf_counter() - t0, 1)},
         "val_reward_accuracy_last_eval": last_eval.get("val_reward_accuracy"),
     }
+    if arithmetic_task and run_dir is not None and checkpoint.is_run_dir(exp.model.init):
+        t0 = time.perf_counter()
+        path = Path(run_dir) / HELD_OUT_PAIRS
+        built = held_out_pairs(exp.model.init, path)
+        held_out = preferences.read_preferences(path)
+        scored: dict[str, Any] = {"n": 0}  # no pairs when every prompt's answers tie
+        if held_out:
+            chosen, rejected = score_preferences(params, config, tokenizer, held_out, batch_size=64)
+            acc, se = pairwise_accuracy(chosen, rejected)
+            scored = {"accuracy": acc, "stderr": se, "margin": float(np.mean(chosen - rejected)),
+                      "n": len(chosen)}  # fmt: skip
+        figures["held_out_pairs"] = {
+            **scored, "prompts": built.prompts, "file": HELD_OUT_PAIRS,
+            "eval_wall_s": round(time.perf_counter() - t0, 1),
+        }  # fmt: skip
     return figures
+
+
+HELD_OUT_PAIRS = "held_out_pairs.jsonl"
+
+
+def held_out_pairs(init: str, out: Any, *, n: int = 500, seed: int = 2) -> Any:
+    """Pairs of `n` held-out arithmetic problems (A ≡ B mod 7, `arithmetic.held_out_problems`),
+    built from the chat run `init` exactly as `jaxgpt pairs` builds training pairs (4 answers
+    per prompt at temperature 1, scored by the verifier, `jaxgpt.pairing.build_pairs`) and
+    written to `out`. For evaluation only: no stage may train on them. Returns the PairStats."""
+    from jaxgpt import arithmetic, pairing
+    from jaxgpt.cli.common import load_model
+
+    sft = load_model(init)
+    prompts = [
+        [{"role": "user", "content": arithmetic.question(a, b, p)}]
+        for a, b, p in arithmetic.held_out_problems(n, seed)
+    ]
+    return pairing.build_pairs(
+        sft.params, sft.config, sft.tokenizer, prompts, pairing.SCORERS["arithmetic"], out,
+        seed=seed, progress=False,
+    )  # fmt: skip
 
 
 def load_reward_model(spec: str, **overrides: Any):

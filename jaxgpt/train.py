@@ -999,7 +999,7 @@ def write_report(
 
         report["reward"] = reward_model.stage_figures(
             exp, params, config, tokenizer, data_dir, last_eval or {},
-            arithmetic_task=arithmetic_task,
+            arithmetic_task=arithmetic_task, run_dir=run_dir,
         )  # fmt: skip
         arithmetic_task = False  # a reward model answers no problems
     if arithmetic_task:

@@ -1,0 +1,43 @@
+"""A reward model for the arithmetic chat demo: the SFT model's trunk learns to score answers.
+
+    jaxgpt train chat_sft                                                # part 1: runs/chat_sft
+    jaxgpt pairs --model runs/chat_sft --out data/chat_rm_pairs.jsonl --n-prompts 8000
+    jaxgpt train chat_rm
+    jaxgpt score --model runs/chat_rm --input runs/chat_rm/held_out_pairs.jsonl
+
+The pairs are the SFT model's own answers to 8,000 training problems, a right one chosen over a
+wrong one by the verifier (built like DPO's, `experiments/chat_dpo.py`, from 4x the prompts: on
+2,000 the reward model learnt the training pairs but not the val ones). The reward
+model starts from the SFT run's trunk with a new scalar head (`model.head = "reward"`) and learns
+the Bradley–Terry loss on the score read at each answer's `<|end|>`. Its pairwise accuracy is
+measured on the val pairs (prompts never trained on) and on pairs built the same way from 500
+held-out problems (A ≡ B mod 7), which no stage trains on (report.json). Figures in docs/chat.md.
+"""
+
+from jaxgpt.experiment import (
+    CheckpointSection,
+    DataSection,
+    EvalSection,
+    Experiment,
+    ModelSection,
+    OptimSection,
+    ScheduleSection,
+)
+
+EXPERIMENT = Experiment(
+    name="chat_rm",
+    # The shape comes from the SFT run; 64 tokens hold every prompt + answer of the demo.
+    model=ModelSection(block_size=64, dropout=0.0, init="runs/chat_sft", head="reward"),
+    data=DataSection(
+        dataset="chat_rm_pairs",
+        format="preference",
+        source="data/chat_rm_pairs.jsonl",
+        tokenizer="char",
+        val_fraction=0.05,
+        batch_size=32,
+    ),
+    optim=OptimSection(lr=3e-4, weight_decay=0.0, grad_clip=1.0),
+    schedule=ScheduleSection(max_steps=500, warmup_steps=20, min_lr_ratio=0.1),
+    eval=EvalSection(interval=100, batches=4, log_interval=10, sample_tokens=0),
+    checkpoint=CheckpointSection(interval=100, keep=2),
+)
