@@ -3,7 +3,7 @@
     jaxgpt train chat_sft                         # the policy to start from (runs/chat_sft)
     jaxgpt train chat_ppo --set rl.reward_model=runs/chat_rm
 
-Each step samples one answer to each of 32 arithmetic prompts (never a held-out problem), scores
+Each step samples one answer to each of 64 arithmetic prompts (never a held-out problem), scores
 them with the frozen reward model, and takes 2 epochs × 2 minibatches of PPO updates with a KL
 penalty against the SFT model. `--set rl.reward=arithmetic` uses the verifier as the reward
 instead; `--set rl.beta=0` shows what the KL penalty prevents. Figures in docs/chat.md.
@@ -28,7 +28,7 @@ EXPERIMENT = Experiment(
         format="prompts",
         source="arithmetic",
         tokenizer="char",
-        batch_size=32,
+        batch_size=64,
     ),
     optim=OptimSection(lr=1e-4, weight_decay=0.0, grad_clip=1.0),
     schedule=ScheduleSection(max_steps=60, warmup_steps=5, min_lr_ratio=1.0),
@@ -37,6 +37,7 @@ EXPERIMENT = Experiment(
         reward="model",
         reward_model="runs/chat_rm",
         beta=0.05,
+        value_coef=0.1,
         epochs=2,
         minibatches=2,
         gen_tokens=32,

@@ -334,7 +334,7 @@ def ppo_stage(exp: Experiment, mesh: Mesh):
     sample_key = jax.random.fold_in(jax.random.key(exp.schedule.seed), 3)
     replicated = NamedSharding(mesh, P())
     beta = {"value": float(rl.beta)}  # adapted after each rollout when rl.target_kl > 0
-    last_figures: dict[str, float] = {}
+    last: dict[str, Any] = {}  # the latest rollout, for the evaluation's figures
 
     def compile(config: GPTConfig):
         return compiled_ppo_step(config, exp, mesh)
@@ -363,15 +363,22 @@ def ppo_stage(exp: Experiment, mesh: Mesh):
         if rl.target_kl > 0:  # one host sync per step: the controller needs the KL
             kl = float(figures["kl"])
             beta["value"] = float(ppo.adaptive_beta(used, kl, rl.target_kl, rl.kl_horizon, B))
-        last_figures.update(figures)
+        last.update(figures=figures, new_BN=new_BN, problems=problems)
         return jax.device_put({**out, "figures": figures}, replicated)
 
-    def evaluate(params: Params, config: GPTConfig) -> dict[str, float]:
-        """Held-out accuracy (greedy, 200 problems) and the latest rollout's reward and KL."""
-        out = {"held_out_acc": held_out_accuracy(params, config, tokenizer)}
-        for k in ("reward", "kl"):
-            if k in last_figures:
-                out[f"rollout_{k}"] = float(last_figures[k])
+    def evaluate(params: Params, config: GPTConfig) -> dict[str, Any]:
+        """Held-out accuracy (greedy, 200 problems); the latest rollout's reward, KL, share of
+        answers the verifier accepts, and its first three answers (what the policy now says)."""
+        out: dict[str, Any] = {"held_out_acc": held_out_accuracy(params, config, tokenizer)}
+        if last:
+            out.update({f"rollout_{k}": float(last["figures"][k]) for k in ("reward", "kl")})
+            texts = answers(np.asarray(last["new_BN"]), tokenizer, end_id)
+            correct = verifier_scores(texts, last["problems"])
+            out["rollout_correct"] = float(correct.mean())
+            out["rollout_examples"] = [
+                f"{arithmetic.question(a, b, p)} → {t}"
+                for (a, b, p), t in zip(last["problems"][:3], texts)
+            ]
         return out
 
     T = P_ + N

@@ -527,7 +527,7 @@ class Stage:
     compile: Callable[[GPTConfig], tuple[Any, Any, Any]]
     batch_struct: Any
     batch: Callable[[int, TrainState, GPTConfig], Any]
-    evaluate: Callable[[Params, GPTConfig], dict[str, float]]
+    evaluate: Callable[[Params, GPTConfig], dict[str, Any]]
     report: str | None = None
     loader_state: Callable[[], dict[str, Any]] = dict
     restore: Callable[[dict[str, Any]], None] = lambda loader: None

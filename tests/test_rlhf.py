@@ -166,6 +166,8 @@ def test_short_ppo_run_raises_its_reward_and_resumes_exactly(world):
     assert len({r["beta"] for r in train}) > 1  # the controller moved β
     report = json.loads((w / "straight" / "report.json").read_text())
     assert report["stage"] == "ppo" and report["held_out"]["n"] == 500
+    assert 0.0 <= report["ppo"]["rollout_correct"] <= 1.0  # the verifier on the last rollout
+    assert len(report["ppo"]["rollout_examples"]) == 3
 
     INTERRUPT.update(calls=0, at_call=6)  # Ctrl-C during step 6's rollout: it stops after it
     stopped = run(exp, run_dir=w / "resumed", progress=False, sample=False)
