@@ -425,7 +425,8 @@ def test_the_page_in_headless_chromium(server, browser, model):
 
 def test_the_chat_tab_in_headless_chromium(chat_server, browser, chat_model, tmp_path, capsys):
     """The reply streamed into the page is `jaxgpt chat --prompt`'s (greedy), in several events;
-    the second turn reuses the cache; reset starts a new conversation."""
+    the second turn reuses the cache; a bad setting shows one line; reset starts a new
+    conversation."""
     from selenium.webdriver.common.by import By
 
     from jaxgpt.pretrained import save_hf
@@ -468,6 +469,22 @@ def test_the_chat_tab_in_headless_chromium(chat_server, browser, chat_model, tmp
     assert second == "".join(reference.reply("And 4 + 4?"))
     stats = driver.find_element(By.ID, "chat-stats").text
     assert stats.startswith(f"turn 2: prefilled {reference.turn_stats[1].prefilled} tokens")
+
+    # A bad setting: one line in the page, the message not added, and the chat goes on.
+    chat_max.clear()
+    chat_max.send_keys("0")
+    driver.find_element(By.ID, "chat-input").send_keys("x")
+    driver.find_element(By.ID, "chat-send").click()
+    end = time.time() + 30
+    while driver.execute_script("return window.explorer.chat.state") == "streaming":
+        assert time.time() < end
+        time.sleep(0.05)
+    error = driver.find_element(By.ID, "error")
+    assert error.is_displayed() and "max new tokens must be a whole number >= 1" in error.text
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#chat-log .msg")) == 4
+    driver.find_element(By.ID, "chat-input").clear()
+    chat_max.clear()
+    chat_max.send_keys("12")
 
     driver.find_element(By.ID, "chat-reset").click()
     end = time.time() + 30

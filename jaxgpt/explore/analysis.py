@@ -57,7 +57,7 @@ def _sample(sampler: Sampler, logits_BV: jax.Array, key: jax.Array) -> jax.Array
 
 
 @dataclass
-class Sequence:
+class PageSequence:
     """One page session's sequence: its ids, the KV cache holding them (slots 0..T-1) and the
     captured intermediates of every position, as numpy (`Explorer.capture`'s dict)."""
 
@@ -175,13 +175,13 @@ class Explorer:
         )  # fmt: skip
         return cache, jax.tree.map(np.asarray, cap)
 
-    def _prefill(self, ids: list[int]) -> Sequence:
+    def _prefill(self, ids: list[int]) -> PageSequence:
         T = len(ids)
         padded = ids + [0] * (self.bucket(T) - T)
         cache, cap = self._run(init_cache(self.model.config, 1, self.max_tokens), 0, padded)
-        return Sequence(list(ids), cache, _rows(cap, T, T))
+        return PageSequence(list(ids), cache, _rows(cap, T, T))
 
-    def _extend(self, seq: Sequence, token: int) -> Sequence:
+    def _extend(self, seq: PageSequence, token: int) -> PageSequence:
         T = len(seq.ids)
         cache, cap = self._run(seq.cache, T, [token])
         new = _rows(cap, 1, T + 1)
@@ -190,7 +190,7 @@ class Explorer:
                   for name in old if name != "att"}  # fmt: skip
         att = np.pad(old["att"], [(0, 0), (0, 0), (0, 0), (0, 1)])  # the new key: 0 for them
         merged["att"] = np.concatenate([att, new["att"]], axis=2)
-        return Sequence([*seq.ids, token], cache, merged)
+        return PageSequence([*seq.ids, token], cache, merged)
 
     def lens(self, cap: dict[str, Any], position: int) -> list[dict[str, Any]]:
         """Each stage's residual stream at `position` through ln_f + wteᵀ: top tokens, ‖x‖."""
