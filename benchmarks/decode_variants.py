@@ -7,6 +7,7 @@ alternatives to jaxgpt's decode loop (`jaxgpt.decode.decode_padded`, what `gener
 the same random GPT-2 weights and prompt, interleaved round by round so that load from other
 processes hits them alike, and measures the bandwidth in every round (a multi-threaded sum over
 512 MiB, as `compare_hf.py` does). Each variant's greedy tokens must equal the baseline's.
+`--batch B` decodes B rows at once (the bound is then B times higher: one weight read per step).
 
 Variants (`--variants`):
 
@@ -45,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["baseline", "scan", "split2"])
     parser.add_argument("--model", default="gpt2", help="jaxgpt preset (default gpt2 = 124M)")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together (1)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (3)")
@@ -69,7 +71,7 @@ def main() -> int:
     config = get_preset(args.model)
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     rng = np.random.RandomState(0)
-    prompt = rng.randint(0, config.vocab_size, (1, args.prompt_len)).astype(np.int32)
+    prompt = rng.randint(0, config.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
 
     fns = {name: make_variant(name, params, config, prompt, args.new) for name in args.variants}
@@ -88,20 +90,21 @@ def main() -> int:
             fn()
             times[name].append(time.perf_counter() - start)
     bandwidth = statistics.median(bandwidths)
-    bound = bandwidth / n_bytes
+    bound = args.batch * bandwidth / n_bytes  # every step reads the weights once for all rows
 
     shape = f"{args.prompt_len} + {args.new} tokens, {args.repeats} interleaved rounds"
     print(f"device: {device_name()} ({jax.device_count()} JAX device(s)); {args.model}, float32, "
-          f"batch 1, {shape}")  # fmt: skip
+          f"batch {args.batch}, {shape}")  # fmt: skip
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (median of rounds; "
           f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}); weights "
-          f"{n_bytes / 1e6:.1f} MB/token; bound {bound:.1f} tokens/s")  # fmt: skip
+          f"{n_bytes / 1e6:.1f} MB per step; bound {bound:.1f} tokens/s")  # fmt: skip
     print(f"{'variant':<44} {'tokens/s':>9} {'% bound':>8} {'vs first':>9} {'spread':>7} "
           f"{'compile+1st s':>13}  greedy = first")  # fmt: skip
-    base = args.new / statistics.median(times[args.variants[0]])
+    tokens = args.batch * args.new
+    base = tokens / statistics.median(times[args.variants[0]])
     for name, ts in times.items():
         median = statistics.median(ts)
-        tok_s = args.new / median
+        tok_s = tokens / median
         same = bool((outputs[name] == reference).all())
         spread = 100 * (max(ts) - min(ts)) / median
         print(f"{name:<44} {tok_s:9.1f} {100 * tok_s / bound:7.1f}% {tok_s / base:8.2f}x "
@@ -129,7 +132,7 @@ def read_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 3) -> float:
 
 
 def make_variant(name, params, config, prompt, n):
-    """A zero-argument function running the whole decode (prefill + n tokens) → tokens [1, n]."""
+    """A zero-argument function running the whole decode (prefill + n tokens) → tokens [B, n]."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -138,7 +141,7 @@ def make_variant(name, params, config, prompt, n):
     from jaxgpt.sampling import make_sampler
 
     greedy = make_sampler(0.0)
-    kv_start = jnp.zeros((1,), jnp.int32)
+    kv_start = jnp.zeros((prompt.shape[0],), jnp.int32)
     eos, pad = jnp.int32(-1), jnp.int32(0)
     args = (jnp.asarray(prompt), kv_start, None, greedy, eos, pad)
 
