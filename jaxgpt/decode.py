@@ -54,7 +54,8 @@ _NO_EOS = -1  # an id no token can have: "never stop"
 class DecodeState:
     """Where a decode stands: everything the next step needs.
 
-    cache: per layer `(k_BHSK, v_BHSK)`; slots `kv_start_B[b] ... slot - 1` hold row b's sequence.
+    cache: per layer `(k_NSK, v_NSK)`, N = B·H (`jaxgpt.model.init_cache`); slots
+      `kv_start_B[b] ... slot - 1` hold row b's sequence.
     token_B: the last sampled token of each row; it is NOT in the cache yet (the next step, or the
       next `extend`, writes it at `slot`).
     done_B: rows that have emitted EOS (their later tokens are `pad_id`).
@@ -206,7 +207,7 @@ def extend(
     tokens_BT = np.asarray(tokens_BT)
     if tokens_BT.ndim != 2 or tokens_BT.shape[1] == 0:
         raise InputError(f"tokens_BT must be a non-empty [B, T] array, got {tokens_BT.shape}")
-    capacity = min(cache[0][0].shape[2], config.block_size)
+    capacity = min(cache[0][0].shape[1], config.block_size)
     if not 0 <= int(slot) <= capacity - tokens_BT.shape[1]:
         raise InputError(
             f"{tokens_BT.shape[1]} tokens at slot {int(slot)} do not fit: the cache holds "

@@ -34,7 +34,9 @@ from jaxgpt.params import Params, check_params
 from jaxgpt.quantize import Int8Weight
 from jaxgpt.sharding import BATCH_AXES, constrain
 
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: (k_BHSK, v_BHSK)
+# Per layer (k_NSK, v_NSK): N = B·H rows, row b·H + h holding head h of sequence b (see
+# `init_cache` for why the batch and head axes are one).
+KVCache = list[tuple[jax.Array, jax.Array]]
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -131,12 +133,17 @@ def causal_self_attention(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Multi-head causal self-attention of a block; returns (out_BTD, updated cache).
 
-    With a cache `(k_BHSK, v_BHSK)`, this call's keys and values are written at slots
-    `q_offset ... q_offset + T - 1` and the queries attend over the whole cache. With
-    `segment_ids_BS` (packed sequences) a query attends only within its own segment.
+    With a cache `(k_NSK, v_NSK)` (N = B·H, see `init_cache`), this call's keys and values are
+    written at slots `q_offset ... q_offset + T - 1` and the queries attend over the whole
+    cache. With `segment_ids_BS` (packed sequences) a query attends only within its own segment.
     """
     B, T, D = x_BTD.shape
+    H, K = config.n_head, config.head_dim
     q_BHTK, k_BHTK, v_BHTK = project_qkv(p, x_BTD, config)
+    # The attention runs over R rows of h heads: (R, h) = (B, H) without a cache, (B·H, 1) with
+    # one, each (sequence, head) pair a row of its own (see the comment on the cache below).
+    q_RhTK, k_RhSK, v_RhSK = q_BHTK, k_BHTK, v_BHTK
+    kv_start_R, segment_ids_RS = kv_start_B, segment_ids_BS
     if cache is not None:
         # Write this call's keys and values into the cache in place, then attend over the updated
         # cache. Measured on XLA:CPU (docs/benchmarks.md): attending over the old cache beside
@@ -144,35 +151,50 @@ def causal_self_attention(
         # of every layer's whole cache per generated token (batch-8 decode: 203 tokens/s with
         # them, 290 without). A select that *writes* the cache avoids them too, but rewrites the
         # whole cache every step where the in-place update writes one slot: on accelerators
-        # with long contexts that doubles the cache traffic. At batch 1 XLA:CPU still copies (it
-        # duplicates the update into the attention's reshaped operand): the select measured 8 %
-        # faster there, not worth a second code path.
+        # with long contexts that doubles the cache traffic.
+        # The cache is `[B·H, S, K]` and the attention reads it as B·H rows of one head,
+        # `[B·H, 1, S, K]`: the shape the decode loop carries, up to a size-1 axis. Read as
+        # `[B, H, S, K]` at batch 1 (or, from the flat cache, at batch > 1), XLA:CPU turned that
+        # read into a second in-place update and copied the whole cache four times per layer
+        # and token (docs/benchmarks.md).
         k_cache, v_cache = cache
-        start = (0, 0, q_offset, 0)
-        k_BHSK = jax.lax.dynamic_update_slice(k_cache, k_BHTK.astype(k_cache.dtype), start)
-        v_BHSK = jax.lax.dynamic_update_slice(v_cache, v_BHTK.astype(v_cache.dtype), start)
-        cache = (k_BHSK, v_BHSK)
-    else:
-        k_BHSK, v_BHSK = k_BHTK, v_BHTK
+        start = (0, q_offset, 0)
+        k_NSK = jax.lax.dynamic_update_slice(
+            k_cache, k_BHTK.reshape(B * H, T, K).astype(k_cache.dtype), start
+        )
+        v_NSK = jax.lax.dynamic_update_slice(
+            v_cache, v_BHTK.reshape(B * H, T, K).astype(v_cache.dtype), start
+        )
+        cache = (k_NSK, v_NSK)
+        q_RhTK, k_RhSK, v_RhSK = q_BHTK.reshape(B * H, 1, T, K), k_NSK[:, None], v_NSK[:, None]
+        if kv_start_B is not None:
+            kv_start_R = jnp.repeat(kv_start_B, H)
+        if segment_ids_BS is not None:
+            segment_ids_RS = jnp.repeat(segment_ids_BS, H, axis=0)
 
-    keep_BHTS = None
+    R, h, S = q_RhTK.shape[0], q_RhTK.shape[1], k_RhSK.shape[2]
+    keep_RhTS = None
     if key is not None and config.attn_dropout > 0.0:
-        S = k_BHSK.shape[2]
-        keep_BHTS = jax.random.bernoulli(key, 1.0 - config.attn_dropout, (B, config.n_head, T, S))
+        keep_RhTS = jax.random.bernoulli(key, 1.0 - config.attn_dropout, (B, H, T, S)).reshape(
+            R, h, T, S
+        )
 
     if capture is not None:
         # The trace needs the attention weights, which only the reference path materialises.
-        out_BHTK, probs_BHTS = reference_attention(
-            q_BHTK, k_BHSK, v_BHSK, q_offset=q_offset, kv_start_B=kv_start_B,
-            segment_ids_BS=segment_ids_BS, keep_BHTS=keep_BHTS, dropout_rate=config.attn_dropout,
+        out_RhTK, probs_RhTS = reference_attention(
+            q_RhTK, k_RhSK, v_RhSK, q_offset=q_offset, kv_start_B=kv_start_R,
+            segment_ids_BS=segment_ids_RS, keep_BHTS=keep_RhTS, dropout_rate=config.attn_dropout,
         )  # fmt: skip
-        capture.update(q=q_BHTK, k=k_BHTK, v=v_BHTK, att=probs_BHTS, heads=out_BHTK)
+        probs_BHTS = probs_RhTS.reshape(B, H, T, S)
+        capture.update(q=q_BHTK, k=k_BHTK, v=v_BHTK, att=probs_BHTS,
+                       heads=out_RhTK.reshape(B, H, T, K))  # fmt: skip
     else:
-        out_BHTK = multi_head_attention(
-            q_BHTK, k_BHSK, v_BHSK, backend=config.attention, q_offset=q_offset,
-            kv_start_B=kv_start_B, segment_ids_BS=segment_ids_BS, keep_BHTS=keep_BHTS,
+        out_RhTK = multi_head_attention(
+            q_RhTK, k_RhSK, v_RhSK, backend=config.attention, q_offset=q_offset,
+            kv_start_B=kv_start_R, segment_ids_BS=segment_ids_RS, keep_BHTS=keep_RhTS,
             dropout_rate=config.attn_dropout,
         )  # fmt: skip
+    out_BHTK = out_RhTK.reshape(B, H, T, K)
     # Concatenate the heads back into the residual width, then mix them with c_proj.
     out_BTD = out_BHTK.transpose(0, 2, 1, 3).reshape(B, T, D)
     return linear(p["c_proj"], out_BTD, config.compute_dtype), cache
@@ -490,15 +512,15 @@ def check_cache_call(
     if not isinstance(cache, (list, tuple)) or len(cache) != config.n_layer:
         n = len(cache) if isinstance(cache, (list, tuple)) else type(cache).__name__
         raise InputError(f"cache must hold one (k, v) pair per layer ({config.n_layer}), got {n}")
-    S = jnp.shape(cache[0][0])[2] if jnp.ndim(cache[0][0]) == 4 else 0
+    S = jnp.shape(cache[0][0])[1] if jnp.ndim(cache[0][0]) == 3 else 0
     check_tokens(tokens_BT, config, max_len=S)
     B = tokens_BT.shape[0]
-    want = (B, config.n_head, S, config.head_dim)
+    want = (B * config.n_head, S, config.head_dim)
     for layer_cache in cache:
         for c in layer_cache:
             if tuple(c.shape) != want:
                 raise InputError(
-                    f"cache arrays must have shape [B, H, S, K] = {want} (init_cache(config, "
+                    f"cache arrays must have shape [B·H, S, K] = {want} (init_cache(config, "
                     f"{B}, S)), got {tuple(c.shape)}"
                 )
     if tuple(jnp.shape(kv_start_B)) != (B,):
@@ -521,7 +543,15 @@ def check_cache_call(
 
 
 def init_cache(config: GPTConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
-    """An empty KV cache: per layer, zeros `k_BHSK` and `v_BHSK` with S = max_len."""
+    """An empty KV cache: per layer, zeros `k_NSK` and `v_NSK`, N = batch · n_head, S = max_len.
+
+    Row `b·H + h` holds head h of sequence b, and the attention reads it as B·H rows of one head
+    (`[B·H, 1, S, K]`). The batch and head axes are one because at batch 1 a `[1, H, S, K]` cache
+    made XLA:CPU copy every layer's whole cache four times per decoded token (the attention's
+    read of the updated cache, with the size-1 axis dropped, became a second in-place update,
+    each needing its own copy of the old cache; docs/benchmarks.md). Now the decode loop carries
+    the cache in the shape the attention reads, and no copy is made at any batch size.
+    """
     dtype = config.compute_dtype if dtype is None else dtype
-    shape = (batch, config.n_head, max_len, config.head_dim)
+    shape = (batch * config.n_head, max_len, config.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)]

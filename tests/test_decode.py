@@ -171,17 +171,21 @@ def test_sampling_without_key_is_an_error(model):
         generate(params, config, [1, 2], 2, temperature=1.0)
 
 
-def test_decode_loop_never_copies_the_kv_cache(model, prompts):
-    """At batch 2 the compiled loop updates each layer's cache in place (see the comment on the
-    cache in `jaxgpt.model.causal_self_attention`): no HLO `copy` of a cache-shaped array."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_loop_never_copies_the_kv_cache(model, prompts, rows):
+    """At batch 1 and 2 the compiled loop updates each layer's cache in place (see
+    `jaxgpt.model.init_cache` and the comment on the cache in `causal_self_attention`): no HLO
+    `copy` of a cache-shaped array (batch 1 had four per layer and token with a [B, H, S, K]
+    cache)."""
     config, params = model
+    prompts = prompts[:rows]
     B, T = prompts.shape
     n_new = 8
     compiled = decode_padded.lower(
         params, jnp.asarray(prompts), jnp.zeros((B,), jnp.int32), None,
         make_sampler(0.0), jnp.int32(-1), jnp.int32(0), config=config, max_new_tokens=n_new,
     ).compile()  # fmt: skip
-    cache_shape = f"f32[{B},{config.n_head},{T + n_new - 1},{config.head_dim}]"
+    cache_shape = f"f32[{B * config.n_head},{T + n_new - 1},{config.head_dim}]"
     hlo = compiled.as_text()
     assert cache_shape in hlo  # the check below looks for the right shape
     copies = [line for line in hlo.splitlines() if f"= {cache_shape}" in line and " copy(" in line]
