@@ -145,12 +145,15 @@ def build_pairs(
     seed: int = 0,
     batch_rows: int = 256,
     task: str = "",
+    greedy: bool = False,
     progress: bool = True,
 ) -> PairStats:
     """Sample `samples` answers per prompt, score and pair them, write `out` (.jsonl, atomic).
 
     Rows of `batch_rows` (prompts × samples) are decoded together; the draw is a function of
-    `seed` and the prompts alone.
+    `seed` and the prompts alone. With `greedy`, each prompt's greedy answer comes first, before
+    its samples: a wrong greedy answer is then the first one rejected (the mistakes the model
+    makes when it decodes greedily are the ones paired first).
     """
     from jaxgpt.decode import generate
 
@@ -172,13 +175,18 @@ def build_pairs(
     bar = tqdm(total=len(prompts), desc="sampling", unit=" prompt", disable=not progress)
     with bar:
         for start in range(0, len(prompts), per_batch):
-            rows = [p for p in encoded[start : start + per_batch] for _ in range(samples)]
+            chunk = encoded[start : start + per_batch]
+            rows = [p for p in chunk for _ in range(samples)]
             outs = generate(params, config, rows, new_tokens, key=jax.random.fold_in(key, start),
                             temperature=temperature, eos_id=end)  # fmt: skip
+            firsts = []
+            if greedy:
+                firsts = generate(params, config, chunk, new_tokens, temperature=0.0, eos_id=end)
             for i, prompt in enumerate(prompts[start : start + per_batch]):
                 answers = []
-                for row, out_row in zip(rows[i * samples :], outs[i * samples : (i + 1) * samples]):
-                    new = out_row[len(row) :]
+                mine = outs[i * samples : (i + 1) * samples]
+                for out_row in ([firsts[i]] if greedy else []) + mine:
+                    new = out_row[len(chunk[i]) :]
                     finished = bool(new) and new[-1] == end
                     body = new[:-1] if finished else new
                     if specials.intersection(body):

@@ -334,3 +334,6 @@ def test_pairs_command_samples_scores_and_writes_preferences(world, tmp_path, mo
     assert len(read_preferences(tmp_path / "a.jsonl")) == len(lines)
     assert main([*argv, "--out", str(tmp_path / "b.jsonl")]) == 0
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    # --greedy: each prompt's greedy answer joins its samples (here the longest usually wins).
+    assert main([*argv, "--greedy", "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert len(read_preferences(tmp_path / "c.jsonl")) >= 1

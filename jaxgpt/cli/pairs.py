@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="per answer (64)")
     parser.add_argument("--batch-rows", type=int, default=256, help="rows decoded at once (256)")
     parser.add_argument("--seed", type=int, default=0, help="prompts and samples (0)")
+    parser.add_argument(
+        "--greedy", action="store_true",
+        help="also take each prompt's greedy answer, first: its mistakes are paired first",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         model.params, model.config, model.tokenizer, prompts, pairing.SCORERS[args.scorer],
         args.out, samples=args.samples, temperature=args.temperature, max_pairs=args.max_pairs,
         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_rows=args.batch_rows,
-        task=task, progress=not args.quiet,
+        task=task, greedy=args.greedy, progress=not args.quiet,
     )  # fmt: skip
     print(pairing.summary(stats, args.out))
     return 0
