@@ -26,8 +26,9 @@ from jaxgpt.experiment import (
 
 EXPERIMENT = Experiment(
     name="chat_rm",
-    # The shape comes from the SFT run; 64 tokens hold every prompt + answer of the demo.
-    model=ModelSection(block_size=64, dropout=0.0, init="runs/chat_sft", head="reward"),
+    # The shape comes from the SFT run; 72 tokens hold every prompt + answer of the pairs (the
+    # longest has 70: a wrong answer that rambles).
+    model=ModelSection(block_size=72, dropout=0.0, init="runs/chat_sft", head="reward"),
     data=DataSection(
         dataset="chat_rm_pairs",
         format="preference",
