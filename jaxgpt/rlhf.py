@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxgpt import arithmetic, chat, checkpoint, heads, ppo, sharding
+from jaxgpt import arithmetic, chat, checkpoint, heads, ppo, reward_model, sharding
 from jaxgpt.config import GPTConfig
 from jaxgpt.decode import decode_padded, left_pad
 from jaxgpt.errors import ConfigError
@@ -290,19 +290,6 @@ def load_frozen(path: str, key: str, heads_allowed: tuple[str, ...]) -> tuple[An
     return config, params, tokenizer
 
 
-def check_tokenizer(theirs: Tokenizer, ours: Tokenizer, key: str, path: str) -> None:
-    """Refuse a frozen model that reads other token ids than the policy writes."""
-    same = theirs.name == ours.name and getattr(theirs, "chars", None) == getattr(
-        ours, "chars", None
-    )
-    if not same or theirs.n_vocab != ours.n_vocab:
-        raise ConfigError(
-            f"rl.{key} {path!r} was trained with another tokenizer ({theirs.name}, "
-            f"{theirs.n_vocab} tokens) than the reference policy ({ours.name}, {ours.n_vocab} "
-            f"tokens); its token ids would mean other text"
-        )
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -322,7 +309,8 @@ def ppo_stage(exp: Experiment, mesh: Mesh):
     if rl.reward == "model":
         rm_config, rm_params, rm_tokenizer = load_frozen(rl.reward_model, "reward_model",
                                                          ("reward",))  # fmt: skip
-        check_tokenizer(rm_tokenizer, tokenizer, "reward_model", rl.reward_model)
+        where = f"the rollouts (tokens of rl.reference {rl.reference!r})"
+        reward_model.check_tokenizer(rm_tokenizer, tokenizer, where)
     end_id = chat.chat_tokens(tokenizer).end
     P_ = prompt_length(tokenizer)
     if ref_config.block_size < P_ + N - 1:

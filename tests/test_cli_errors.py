@@ -114,7 +114,7 @@ CASES = [
     case("train-ppo-no-reference", "train {w}/ppo.py --out {w}/ppo_run --set rl.reference=",
          "needs a reference policy", PPO),
     case("train-ppo-rm-tokenizer", "train {w}/ppo.py --out {w}/ppo_run "
-         "--set rl.reward_model={w}/rm_other", "another tokenizer", PPO),
+         "--set rl.reward_model={w}/rm_other", "reward model reads another table", PPO),
     case("train-ppo-rm-as-policy", "train {w}/ppo.py --out {w}/ppo_run --set model.init={w}/ppo_rm",
          "is a reward model; it cannot start a PPO policy", PPO),
     case("train-ppo-policy-as-rm", "train {w}/ppo.py --out {w}/ppo_run "

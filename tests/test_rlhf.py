@@ -198,3 +198,23 @@ def test_a_kl_that_becomes_nan_stops_the_run(world):
     with pytest.raises(TrainingDiverged, match="kl became nan .* at step 1"):
         run(exp, run_dir=w / "nan", progress=False, sample=False)
     assert checkpoint.latest_step(w / "nan") is None
+
+
+def test_reward_model_scores_each_answer_at_its_end(world, stage_and_state):
+    """With rl.reward=model the score of a left-padded row is the reward model's score of the
+    row alone, read at the answer's last token (its <|end|>, or the last sampled token)."""
+    _, experiment = world
+    _, _, config, state = stage_and_state
+    exp = experiment(16, *SEVENS, "rl.reward=model")
+    stage = rlhf.ppo_stage(exp, sharding.make_mesh(""))
+    batch = stage.batch(0, state, config)
+    rm_config, rm_params, _ = rlhf.load_frozen(exp.rl.reward_model, "reward_model", ("reward",))
+    tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
+    start_B = (np.asarray(batch["segments"]) == 0).sum(axis=1)
+    last_B = np.asarray(heads.last_index(mask)) + 1 - start_B  # in the row moved to slot 0
+    right = np.stack([np.roll(row, -s) for row, s in zip(tokens, start_B)])
+    alone = heads.sequence_scores(rm_params, jnp.asarray(right), jnp.asarray(last_B), rm_config)
+    rows = {k: batch[k] for k in ("tokens", "positions", "segments", "mask")}
+    scores = rlhf.reward_model_scores(rm_params, rows, config=rm_config)
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(alone), atol=1e-5)
+    assert float(batch["figures"]["reward"]) == pytest.approx(float(np.mean(alone)), abs=1e-5)
