@@ -203,10 +203,14 @@ def _start_method() -> str:
     """ "fork" (workers start at once) unless JAX has started its threads in this process (as in
     `jaxgpt train`): forking a multithreaded process can deadlock, so then "forkserver" (workers
     fork from a fresh process that imports jaxgpt once, a second or two)."""
-    from jax._src import xla_bridge  # no public way to ask
+    try:  # no public way to ask; if this moves, assume the threads have started
+        from jax._src import xla_bridge
 
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        started = True
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and not xla_bridge.backends_are_initialized():
+    if "fork" in methods and not started:
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
 
