@@ -375,6 +375,10 @@ def validate(exp: Experiment) -> None:
             f"dpo.reference_logprobs must be one of {REFERENCE_LOGPROBS}, got "
             f"{exp.dpo.reference_logprobs!r}"
         )
+    eval_tasks(exp.eval)
+    limit = exp.eval.task_limit
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ConfigError(f"eval.task_limit must be an integer >= 0 (0 = all), got {limit!r}")
 
 
 def _validate_rl(exp: Experiment) -> None:
@@ -414,10 +418,6 @@ def _validate_rl(exp: Experiment) -> None:
         value = getattr(rl, name)
         if not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
             raise ConfigError(f"rl.{name} must be a finite number > 0, got {value!r}")
-    eval_tasks(exp.eval)
-    limit = exp.eval.task_limit
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise ConfigError(f"eval.task_limit must be an integer >= 0 (0 = all), got {limit!r}")
 
 
 def eval_tasks(ev: EvalSection) -> list[tuple[str, str, Path]]:

@@ -128,7 +128,7 @@ def test_reader_leaves_an_unfinished_save_alone(finished, tmp_path):
         checkpoint.load_run_for_inference(tmp_path)
 
 
-def test_readers_restore_only_the_params(finished):
+def test_readers_restore_only_the_params(finished, tmp_path):
     """A reader gets exactly the trained params, and reads none of AdamW's moments (twice the
     params' size); a checkpoint of another model is still told apart."""
     from jaxgpt.optim import make_optimizer
@@ -145,6 +145,13 @@ def test_readers_restore_only_the_params(finished):
     finally:
         manager.close()
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Nor does a reader need the run's experiment.json (the optimiser's settings).
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / checkpoint.EXPERIMENT_FILE).write_text("{not json")
+    for got, want in zip(jax.tree.leaves(checkpoint.load_run_for_inference(copy)[1]),
+                         jax.tree.leaves(params), strict=True):  # fmt: skip
         np.testing.assert_array_equal(got, want)
     other = jax.eval_shape(lambda: init_params(config.replace(n_embd=64), jax.random.key(0)))
     with pytest.raises(checkpoint.CheckpointMismatchError, match="holds a different model"):
