@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxgpt import arithmetic, atomic, chat
+from jaxgpt import arithmetic, atomic, chat, jsonl
 from jaxgpt.errors import InputError
 from jaxgpt.packing import Documents, trained_fraction
 from jaxgpt.tokenizer import (
@@ -43,18 +43,8 @@ ARITHMETIC_CONVERSATIONS = 20_000
 
 def chat_files(source: str | Path) -> list[Path]:
     """The .jsonl files of a chat data set: one file, or every .jsonl under a directory."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
-        if files:
-            return files
-        raise InputError(f"chat data directory {path} contains no .jsonl files")
-    raise InputError(
-        f"chat data {str(source)!r} does not exist; pass a .jsonl file, a directory of them, "
-        f"or {ARITHMETIC!r}"
-    )
+    hint = f"pass a .jsonl file, a directory of them, or {ARITHMETIC!r}"
+    return jsonl.files(source, "chat data", hint)
 
 
 def source_conversations(source: str) -> Iterator[list[dict[str, str]]]:

@@ -2,7 +2,8 @@
 
 Chat data (`jaxgpt.chat.read_conversations`), multiple-choice items (`jaxgpt.eval.read_choices`)
 and preference pairs (`jaxgpt.preferences.read_preferences`) all read their lines through
-`records`, so a file that is missing, not UTF-8 or not JSON is reported the same way everywhere.
+`records`, so a file that is missing, not UTF-8 or not JSON is reported the same way everywhere;
+`files` finds the `.jsonl` files of a data set given as one file or a directory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from jaxgpt.errors import InputError, JaxgptError
+
+
+def files(source: str | Path, what: str, hint: str) -> list[Path]:
+    """The .jsonl files of a data set: one file, or every .jsonl under a directory (sorted).
+
+    `what` names the data set in the errors ("chat data"); `hint` says what to pass instead.
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        if found:
+            return found
+        raise InputError(f"{what} directory {path} contains no .jsonl files")
+    raise InputError(f"{what} {str(source)!r} does not exist; {hint}")
 
 
 def records(

@@ -125,18 +125,8 @@ def read_preferences(path: str | Path) -> list[Preference]:
 
 def preference_files(source: str | Path) -> list[Path]:
     """The .jsonl files of a preference data set: one file, or every .jsonl under a directory."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
-        if files:
-            return files
-        raise InputError(f"preference data directory {path} contains no .jsonl files")
-    raise InputError(
-        f"preference data {str(source)!r} does not exist; pass a .jsonl file or a directory of "
-        f"them (`jaxgpt pairs` builds one from a chat model)"
-    )
+    hint = "pass a .jsonl file or a directory of them (`jaxgpt pairs` builds one from a chat model)"
+    return jsonl.files(source, "preference data", hint)
 
 
 def source_preferences(source: str | Path) -> Iterator[Preference]:
