@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import ConfigError, InputError
-from jaxgpt.model import hidden_states, layer_norm, linear, residual_stream, unembed
+from jaxgpt.model import hidden_states, linear, output_logits
 from jaxgpt.params import SCALAR_HEADS, Params, check_params, init_scalar_head
 
 WHAT = {
@@ -81,12 +81,11 @@ def logits_and_values(
     """One pass of a PPO policy (`config.head == "lm+value"`): the float32 logits `[B, T, V]`
     and the value after each token `[B, T]`."""
     require_head(config, ("lm+value",), "logits_and_values")
-    x_BTD, _ = residual_stream(
+    h_BTD = hidden_states(
         params, tokens_BT, config, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
         train=train, key=key,
     )  # fmt: skip
-    h_BTD = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
-    return unembed(params, x_BTD, config), scalar_head(params["value_head"], h_BTD, config)
+    return output_logits(params, h_BTD, config), scalar_head(params["value_head"], h_BTD, config)
 
 
 def with_head(

@@ -267,7 +267,13 @@ def block(
 
 def unembed(params: Params, x_BTD: jax.Array, config: GPTConfig) -> jax.Array:
     """Final LayerNorm, then logits over the vocabulary with the tied token embedding (float32)."""
-    h_BTD = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+    return output_logits(
+        params, layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon), config
+    )
+
+
+def output_logits(params: Params, h_BTD: jax.Array, config: GPTConfig) -> jax.Array:
+    """Logits (float32) of the final LayerNorm's output `h_BTD` through the tied embedding."""
     dtype = config.compute_dtype
     wte = params["wte"]
     quantized = isinstance(wte, Int8Weight)
@@ -360,9 +366,10 @@ def forward(
         params, tokens_BT, config, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
         train=train, key=key, capture=capture,
     )  # fmt: skip
-    logits_BTV = unembed(params, x_BTD, config)
+    h_BTD = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+    logits_BTV = output_logits(params, h_BTD, config)
     if capture:
-        captured["ln_f"] = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+        captured["ln_f"] = h_BTD
         captured["logits"] = logits_BTV
         return logits_BTV, captured
     return logits_BTV
@@ -497,9 +504,10 @@ def forward_cached(
             captured["layers"].append(layer_capture)
     if last_only:
         x_BTD = x_BTD[:, -1:]
-    logits_BTV = unembed(params, x_BTD, config)
+    h_BTD = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+    logits_BTV = output_logits(params, h_BTD, config)
     if capture:
-        captured["ln_f"] = layer_norm(params["ln_f"], x_BTD, config.layer_norm_epsilon)
+        captured["ln_f"] = h_BTD
         captured["logits"] = logits_BTV
         return logits_BTV, new_cache, captured
     return logits_BTV, new_cache
