@@ -5,7 +5,8 @@ Rows (pick with --rows):
   forward   logits of a [B, T] batch (no cache), B=8, T=256
   train     one training step: forward, cross-entropy, backward, global-norm clip 1.0, AdamW;
             dropout 0; jaxgpt runs its real step (`make_train_step` + `jit_train_step`, donated)
-  decode1   greedy generation with a KV cache, batch 1: 64-token prompt + N new tokens
+  decode1   greedy generation with a KV cache, batch 1: 64-token prompt + N new tokens (jaxgpt's
+            weights in the decode layout, `jaxgpt.quantize.decode_layout`, as `jaxgpt sample`)
   decode8   the same at batch 8
 
 Both libraries get the same weights (made by `jaxgpt.init_params` for the preset, written with
@@ -112,6 +113,7 @@ def main() -> int:
     from jaxgpt.optim import decay_mask, make_optimizer
     from jaxgpt.params import init_params
     from jaxgpt.pretrained import save_hf
+    from jaxgpt.quantize import decode_layout
     from jaxgpt.train import init_train_state, jit_train_step, make_train_step
 
     torch.set_num_threads(args.threads)
@@ -246,6 +248,7 @@ def main() -> int:
     decode_rows = [r for r in ("decode1", "decode8") if r in args.rows]
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"].nbytes
     bandwidth = read_bandwidth(torch) if decode_rows else None
+    decode_params = decode_layout(params)  # what `jaxgpt sample` / `chat` decode with
     for row in decode_rows:
         batch = int(row.removeprefix("decode"))
         prompts = rng.randint(0, config.vocab_size, (batch, args.prompt_len)).astype(np.int32)
@@ -253,7 +256,7 @@ def main() -> int:
         outputs = {}
 
         def jax_decode(prompts=prompts, outputs=outputs):
-            outputs["jaxgpt"] = generate(params, config, prompts, args.new, temperature=0)
+            outputs["jaxgpt"] = generate(decode_params, config, prompts, args.new, temperature=0)
 
         def hf_decode(prompts_pt=prompts_pt, outputs=outputs):
             with torch.inference_mode(), autocast():

@@ -11,13 +11,15 @@ processes hits them alike, and measures the bandwidth in every round (a multi-th
 
 Variants (`--variants`):
 
-  baseline      `decode_padded` as it is: layers unrolled, one KV cache per layer
+  baseline      `decode_padded` on the params as trained (kernels `[in, out]`): layers
+                unrolled, one KV cache per layer
   scan          the decode step runs the blocks as a `lax.scan` over weights stacked once
                 outside the loop, with one stacked `[L, B·H, S, K]` cache written in place
   split2        every GEMV split into two independent dots over halves of the output columns
                 (weights split once, outside), so XLA:CPU may run the halves concurrently
-  transposed    every kernel stored `[out, in]` (transposed once, outside), contracted on its
-                minor axis as the logits already contract `wte` `[V, D]`
+  transposed    every kernel stored `[out, in]` (`jaxgpt.quantize.decode_layout`, once,
+                outside), contracted on its minor axis as the logits already contract `wte`
+                `[V, D]`; what `jaxgpt sample`, `chat` and `bench decode` run since 2026-11-28
   flatcache     the decode loop written out by hand from the model's pieces, each layer's cache
                 one `[B·H, S, K]` array read as B·H rows of one head (jaxgpt's layout)
   bhsk          the same loop with a `[B, H, S, K]` cache (jaxgpt's layout before 2026-11-28:
@@ -171,10 +173,9 @@ def make_variant(name, params, config, prompt, n):
         del out
         return lambda: np.asarray(decode_padded(split, *args, config=config, max_new_tokens=n))
     if name == "transposed":
-        flipped = transpose_params(params)
-        with patched_linear():
-            out = decode_padded(flipped, *args, config=config, max_new_tokens=n)  # traced here
-        del out
+        from jaxgpt.quantize import decode_layout
+
+        flipped = decode_layout(params)
         return lambda: np.asarray(decode_padded(flipped, *args, config=config, max_new_tokens=n))
     if name == "tp2":
         sharded = tensor_parallel(params)
@@ -317,25 +318,8 @@ def split_params(params):
     return jax.block_until_ready({**params, "blocks": blocks, "wte_halves": halves})
 
 
-def transpose_params(params):
-    """Every kernel `[D, N]` stored as `kernel_t` `[N, D]`."""
-    import jax
-    import jax.numpy as jnp
-
-    def flip(p):
-        if isinstance(p, dict) and "kernel" in p:
-            rest = {k: v for k, v in p.items() if k != "kernel"}
-            return {**rest, "kernel_t": jnp.array(p["kernel"].T)}
-        if isinstance(p, dict):
-            return {key: flip(v) for key, v in p.items()}
-        return p
-
-    return jax.block_until_ready({**params, "blocks": [flip(b) for b in params["blocks"]]})
-
-
 class patched_linear:
-    """While tracing: `linear` runs a split kernel as two dots and a `kernel_t` contracted on its
-    minor axis; `unembed` the two wte halves."""
+    """While tracing: `linear` runs a split kernel as two dots; `unembed` the two wte halves."""
 
     def __enter__(self):
         import jax.numpy as jnp
@@ -346,9 +330,7 @@ class patched_linear:
         linear, unembed = self.saved
 
         def split_linear(p, x, dtype):
-            if "kernel_t" in p:
-                y = jnp.einsum("...d,nd->...n", x.astype(dtype), p["kernel_t"])
-            elif isinstance(p["kernel"], tuple):
+            if isinstance(p.get("kernel"), tuple):
                 y = jnp.concatenate([jnp.matmul(x.astype(dtype), k) for k in p["kernel"]], -1)
             else:
                 return linear(p, x, dtype)

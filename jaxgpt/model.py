@@ -48,19 +48,37 @@ def linear(p: Params, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     The kernel may be stored in bfloat16 or as an int8 `Int8Weight` (`jaxgpt.quantize`); int8 is
     dequantized inside the matmul as `(x @ q) · scale`, exact because the scale is per column.
     In a half-precision `dtype` the product goes through `jaxgpt.matmul.lowp_matmul`. `x` may
-    have any leading axes.
+    have any leading axes. `p` holds either `kernel [in, out]` (how params are trained and saved)
+    or `kernel_t [out, in]` (the decode layout of `jaxgpt.quantize.decode_layout`).
     """
-    kernel = p["kernel"]
-    if isinstance(kernel, Int8Weight):
-        y = jnp.matmul(x.astype(dtype), kernel.q.astype(dtype)) * kernel.scale[0].astype(dtype)
-    elif jnp.dtype(dtype).itemsize < 4:
-        # bfloat16 / float16: float32 accumulation and a backward that stays in `dtype`.
-        y = lowp_matmul(x, kernel, jnp.dtype(dtype), jnp.dtype(dtype))
+    if "kernel_t" in p:
+        y = _linear_transposed(p["kernel_t"], x, dtype)
     else:
-        y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
+        y = _linear_kernel(p["kernel"], x, dtype)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
+
+
+def _linear_kernel(kernel: jax.Array | Int8Weight, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`x @ kernel` for a kernel stored `[in, out]` (the training layout)."""
+    if isinstance(kernel, Int8Weight):
+        return jnp.matmul(x.astype(dtype), kernel.q.astype(dtype)) * kernel.scale[0].astype(dtype)
+    if jnp.dtype(dtype).itemsize < 4:
+        # bfloat16 / float16: float32 accumulation and a backward that stays in `dtype`.
+        return lowp_matmul(x, kernel, jnp.dtype(dtype), jnp.dtype(dtype))
+    return jnp.matmul(x.astype(dtype), kernel.astype(dtype))
+
+
+def _linear_transposed(w_OI: jax.Array | Int8Weight, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`x @ w_OIᵀ` for a kernel stored `[out, in]` (the decode layout,
+    `jaxgpt.quantize.decode_layout`): the contraction runs along the kernel's contiguous axis."""
+    if isinstance(w_OI, Int8Weight):  # scale [out, 1]: per output row
+        y = jnp.einsum("...i,oi->...o", x.astype(dtype), w_OI.q.astype(dtype))
+        return y * w_OI.scale[:, 0].astype(dtype)
+    if jnp.dtype(dtype).itemsize < 4:
+        return lowp_matmul(x, w_OI, jnp.dtype(dtype), jnp.dtype(dtype), True)
+    return jnp.einsum("...i,oi->...o", x.astype(dtype), w_OI.astype(dtype))
 
 
 def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:

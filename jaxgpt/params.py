@@ -176,15 +176,26 @@ def _is_int8(x: Any) -> bool:
     return isinstance(x, Int8Weight)
 
 
+def _as_kernel(path: tuple, leaf: Any) -> tuple[tuple, Any]:
+    """A `kernel_t [out, in]` leaf (`jaxgpt.quantize.decode_layout`) seen as the `kernel [in,
+    out]` it stands for, so one table of shapes checks both layouts."""
+    if path and getattr(path[-1], "key", None) == "kernel_t":
+        return (*path[:-1], jax.tree_util.DictKey("kernel")), jax.ShapeDtypeStruct(
+            tuple(reversed(leaf.shape)), leaf.dtype
+        )
+    return path, leaf
+
+
 def check_params(params: Params, config: GPTConfig) -> None:
     """Raise a clear error if `params` does not have the structure and shapes `config` implies."""
     expected = param_shapes(config)
     exp_paths = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
     try:
         # An int8 weight (`jaxgpt.quantize.Int8Weight`) stands where its float32 matrix would.
-        got_paths = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_int8)[0])
+        flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_int8)[0]
     except Exception as err:  # a non-pytree argument
         raise InputError(f"params must be the pytree from init_params/load_hf: {err}") from err
+    got_paths = dict(_as_kernel(path, leaf) for path, leaf in flat)
     missing = [jax.tree_util.keystr(p) for p in exp_paths if p not in got_paths]
     extra = [jax.tree_util.keystr(p) for p in got_paths if p not in exp_paths]
     if missing or extra:

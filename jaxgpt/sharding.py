@@ -57,6 +57,11 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"mlp/c_fc/kernel$", P("fsdp", "tensor")),  # [D, 4D] column-parallel
     (r"mlp/c_fc/bias$", P("tensor")),
     (r"mlp/c_proj/kernel$", P("tensor", "fsdp")),  # [4D, D] row-parallel
+    # The decode layout (`jaxgpt.quantize.decode_layout`): the same splits, axes swapped.
+    (r"attn/c_attn/kernel_t$", P("tensor", "fsdp")),
+    (r"attn/c_proj/kernel_t$", P("fsdp", "tensor")),
+    (r"mlp/c_fc/kernel_t$", P("tensor", "fsdp")),
+    (r"mlp/c_proj/kernel_t$", P("fsdp", "tensor")),
 )
 
 

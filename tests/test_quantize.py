@@ -22,7 +22,13 @@ from jaxgpt.errors import InputError
 from jaxgpt.objectives import next_token_loss
 from jaxgpt.params import init_params
 from jaxgpt.pretrained import load_hf, save_hf
-from jaxgpt.quantize import Int8Weight, quantize_int8, quantize_params, weight_bytes
+from jaxgpt.quantize import (
+    Int8Weight,
+    decode_layout,
+    quantize_int8,
+    quantize_params,
+    weight_bytes,
+)
 
 RELATIVE_BOUND = {"bfloat16": 0.02, "int8": 0.05}
 
@@ -97,6 +103,39 @@ def test_greedy_tokens_agree_with_float32_on_a_trained_model(trained_char_model,
     ref = generate(params, config, prompt, 48, temperature=0.0)
     got = generate(quantize_params(params, weights), config, prompt, 48, temperature=0.0)
     assert got == ref
+
+
+def test_decode_layout_logits_equal_transformers(hf_tiny, tiny, tiny_tokens, jit_forward):
+    torch = pytest.importorskip("torch")
+    hf_model, _ = hf_tiny
+    config, params = tiny
+    flipped = decode_layout(params)
+    kernel = params["blocks"][1]["mlp"]["c_fc"]["kernel"]
+    kernel_t = flipped["blocks"][1]["mlp"]["c_fc"]["kernel_t"]
+    assert "kernel" not in flipped["blocks"][1]["mlp"]["c_fc"]
+    np.testing.assert_array_equal(np.asarray(kernel_t), np.asarray(kernel).T)
+    with torch.no_grad():
+        ref = hf_model(torch.as_tensor(tiny_tokens, dtype=torch.long)).logits.numpy()
+    got = np.asarray(jit_forward(flipped, tiny_tokens, config))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    assert params["blocks"][1]["mlp"]["c_fc"]["kernel"] is kernel  # pure: the input is untouched
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+def test_decode_layout_keeps_every_greedy_token(trained_char_model, weights):
+    config, params, prompt = trained_char_model
+    quantized = quantize_params(params, weights)
+    ref = generate(quantized, config, prompt, 48, temperature=0.0)
+    assert generate(decode_layout(quantized), config, prompt, 48, temperature=0.0) == ref
+    # Either order: quantizing params already in the decode layout gives the same weights.
+    both = quantize_params(decode_layout(params), weights)
+    assert generate(both, config, prompt, 48, temperature=0.0) == ref
+
+
+def test_decode_layout_twice_is_an_error(tiny):
+    _, params = tiny
+    with pytest.raises(InputError, match="already in the decode layout"):
+        decode_layout(decode_layout(params))
 
 
 def test_quantizing_twice_or_an_unknown_format_is_an_error(tiny):

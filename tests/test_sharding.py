@@ -34,6 +34,7 @@ else:
     from jaxgpt.experiment import OptimSection, ScheduleSection
     from jaxgpt.model import forward
     from jaxgpt.params import init_params, param_shapes
+    from jaxgpt.quantize import decode_layout
     from jaxgpt.train import abstract_train_state, compiled_step, init_train_state
 
     CONFIG = get_preset("tiny", n_head=4)
@@ -145,16 +146,22 @@ else:
         for got, ref in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
             np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
-    def test_sharded_forward_matches_one_device(params):
+    @pytest.mark.parametrize("layout", ["training", "decode"])
+    def test_sharded_forward_matches_one_device(params, layout):
         tokens = jnp.asarray(np.random.RandomState(1).randint(0, 512, (8, 16)), jnp.int32)
         ref = jax.jit(forward, static_argnames="config")(params, tokens, CONFIG)
+        if layout == "decode":  # kernel_t [out, in]: the rules split the same axes, swapped
+            params = decode_layout(params)
         mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
         with jax.set_mesh(mesh):
             placed = jax.device_put(tokens, sharding.batch_sharding(mesh))
-            got = jax.jit(forward, static_argnames="config")(
-                sharding.shard(params, mesh), placed, CONFIG
-            )
+            sharded = sharding.shard(params, mesh)
+            got = jax.jit(forward, static_argnames="config")(sharded, placed, CONFIG)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        if layout == "decode":
+            mlp = sharded["blocks"][1]["mlp"]
+            assert mlp["c_fc"]["kernel_t"].sharding.spec == P("tensor", "fsdp")
+            assert mlp["c_proj"]["kernel_t"].sharding.spec == P("fsdp", "tensor")
 
     def test_checkpoint_restores_onto_other_meshes(params, batches, tmp_path):
         mesh_a = sharding.make_mesh("data=4,fsdp=2")

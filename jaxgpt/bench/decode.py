@@ -27,7 +27,7 @@ from jaxgpt.errors import InputError
 from jaxgpt.flops import flops_per_token
 from jaxgpt.model import forward_cached, init_cache
 from jaxgpt.params import init_params
-from jaxgpt.quantize import quantize_params, weight_bytes
+from jaxgpt.quantize import decode_layout, quantize_params, weight_bytes
 from jaxgpt.sampling import Greedy
 
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise InputError(
             f"--seq {prompt_len} leaves no room to decode within block_size {config.block_size}"
         )
-    params = quantize_params(init_params(config, jax.random.key(0)), args.weights)
+    params = decode_layout(quantize_params(init_params(config, jax.random.key(0)), args.weights))
     batches = [args.batch] if args.batch else [1, 8]
     rows = []
     for batch in tqdm(batches, desc="decode", unit="batch"):

@@ -72,7 +72,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     conversations = read_input(args.input, args.system) if args.input is not None else None
-    model = load_model(args.model, seed=args.seed)
+    model = load_model(args.model, seed=args.seed, decoding=True)
     chat.chat_tokens(model.tokenizer)  # a model without chat tokens: say how to get one
     if conversations is not None:
         return answer_file(args, model, conversations)

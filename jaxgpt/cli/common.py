@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,29 @@ POLICY_HEADS = ("lm", "lm+value")
 
 
 def load_model(
-    spec: str, *, seed: int = 0, heads: tuple[str, ...] = POLICY_HEADS, **overrides: Any
+    spec: str,
+    *,
+    seed: int = 0,
+    heads: tuple[str, ...] = POLICY_HEADS,
+    decoding: bool = False,
+    **overrides: Any,
 ) -> LoadedModel:
     """MODEL as the CLI takes it: a preset name (random weights), a Hugging Face GPT-2 directory
     (or cached hub name), or a jaxgpt training run directory (its latest checkpoint).
 
     `heads` are the kinds of model the command can use (`GPTConfig.head`): by default a policy,
-    so that a reward model given where text is generated is refused in one line.
+    so that a reward model given where text is generated is refused in one line. `decoding=True`
+    lays the weights out for one-token-at-a-time decoding (`jaxgpt.quantize.decode_layout`).
     """
+    model = _load(spec, seed, heads, **overrides)
+    if not decoding:
+        return model
+    from jaxgpt.quantize import decode_layout
+
+    return replace(model, params=decode_layout(model.params))
+
+
+def _load(spec: str, seed: int, heads: tuple[str, ...], **overrides: Any) -> LoadedModel:
     if spec in PRESETS:
         config = get_preset(spec, **overrides)
         _check_head(config, heads, f"preset {spec!r}")

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     sock = bind(args.host, args.port)
     try:
-        explorer = Explorer(load_model(args.model))
+        explorer = Explorer(load_model(args.model, decoding=True))
         server = uvicorn.Server(
             uvicorn.Config(create_app(explorer), log_level="warning", access_log=False)
         )

@@ -18,7 +18,7 @@ from jaxgpt.cli.common import load_model
 from jaxgpt.config import PRESETS
 from jaxgpt.decode import check_request, generate, stream_generate
 from jaxgpt.errors import InputError
-from jaxgpt.quantize import check_weights, quantize_params
+from jaxgpt.quantize import check_weights, decode_layout, quantize_params
 from jaxgpt.sampling import make_sampler
 from jaxgpt.tokenizer import ENDOFTEXT, Tokenizer
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     check_weights(args.weights)
     text = read_prompt(args)
     model = load_model(args.model, seed=args.seed)
-    params = quantize_params(model.params, args.weights)
+    params = decode_layout(quantize_params(model.params, args.weights))
     tokenizer = model.tokenizer
     if text is None:  # unconditional: GPT-2's document separator; a char vocabulary has none
         text = ENDOFTEXT if tokenizer.eot_token is not None else "\n"
