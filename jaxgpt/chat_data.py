@@ -47,6 +47,14 @@ def chat_files(source: str | Path) -> list[Path]:
     return jsonl.files(source, "chat data", hint)
 
 
+def source_digest(source: str | Path) -> str:
+    """sha256 over the data set's files (for the generated demo: its name and size), to tell
+    whether prepared data is stale."""
+    if source == ARITHMETIC:
+        return f"{ARITHMETIC}:{ARITHMETIC_CONVERSATIONS}"
+    return jsonl.digest(chat_files(source))
+
+
 def source_conversations(source: str) -> Iterator[list[dict[str, str]]]:
     """The conversations of a chat data set (validated by `jaxgpt.chat.read_conversations`)."""
     if source == ARITHMETIC:
@@ -82,7 +90,8 @@ def prepare_chat(
         meta = {
             "version": META_VERSION, "format": FORMAT, "tokenizer": tok.name,
             "tokenizer_spec": tokenizer_to_json(tok), "vocab_size": tok.n_vocab,
-            "dtype": dtype.name, "source": str(source), "val_fraction": val_fraction,
+            "dtype": dtype.name, "source": str(source), "source_sha256": source_digest(source),
+            "val_fraction": val_fraction,
             "split_seed": split_seed, **counts,
         }  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))

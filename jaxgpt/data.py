@@ -384,20 +384,34 @@ def _write_splits(
 SETTINGS = ("version", "tokenizer", "source", "val_fraction", "split_seed", "split_chunk")
 
 
-def split_settings(meta: dict[str, Any]) -> dict[str, Any]:
-    """The meta fields that decide the token files' contents (to tell whether to re-prepare)."""
-    return {k: meta.get(k) for k in SETTINGS}
-
-
 def wanted_settings(
     tokenizer: str, source: str, val_fraction: float, split_seed: int, split_chunk: int
 ) -> dict[str, Any]:
-    """What `split_settings` of data prepared with these arguments is."""
+    """The meta.json fields that decide the token files' contents, as data prepared with these
+    arguments has them (`is_prepared` compares them to decide whether to prepare again)."""
     from jaxgpt.sharded import SHARDS_VERSION
 
     version, chunk = (SHARDS_VERSION, None) if tokenizer == "gpt2" else (META_VERSION, split_chunk)
     values = (version, tokenizer, source, val_fraction, split_seed, chunk)
     return dict(zip(SETTINGS, values))
+
+
+def is_prepared(data_dir: Path, want: dict[str, Any]) -> bool:
+    """Whether `data_dir` holds data prepared with the settings `want` (entries of its
+    meta.json); if it holds other data, says on stderr that it will be prepared again."""
+    if not (data_dir / "meta.json").is_file():
+        return False
+    try:
+        meta = load_meta(data_dir)
+    except InputError:  # unreadable: prepared again like any other stale directory
+        meta = {}
+    if {k: meta.get(k) for k in want} == want:
+        return True
+    print(
+        f"re-preparing {data_dir}: its settings or source files differ from the experiment's",
+        file=sys.stderr,
+    )
+    return False
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ and preference pairs (`jaxgpt.preferences.read_preferences`) all read their line
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,14 @@ def files(source: str | Path, what: str, hint: str) -> list[Path]:
             return found
         raise InputError(f"{what} directory {path} contains no .jsonl files")
     raise InputError(f"{what} {str(source)!r} does not exist; {hint}")
+
+
+def digest(paths: list[Path]) -> str:
+    """sha256 over the files' bytes, in order: whether data prepared from them is stale."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def records(

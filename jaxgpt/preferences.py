@@ -136,10 +136,7 @@ def source_preferences(source: str | Path) -> Iterator[Preference]:
 
 def source_digest(source: str | Path) -> str:
     """sha256 over the data set's files, to tell whether prepared data is stale."""
-    digest = hashlib.sha256()
-    for path in preference_files(source):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return jsonl.digest(preference_files(source))
 
 
 # --------------------------------------------------------------------------- prepare
@@ -290,14 +287,11 @@ def ensure_prepared(exp: Any, data_dir: Path, *, progress: bool = True) -> Path:
             )
     want = {"version": META_VERSION, "format": FORMAT, "source": str(d.source),
             "source_sha256": source_digest(d.source), "val_fraction": d.val_fraction,
-            "split_seed": d.split_seed}  # fmt: skip
+            "split_seed": d.split_seed, "tokenizer": d.tokenizer}  # fmt: skip
     if not isinstance(tokenizer, str):
         want["tokenizer_spec"] = tokenizer_to_json(tokenizer)
-    if (data_dir / "meta.json").is_file():
-        meta = data.load_meta(data_dir)
-        if {k: meta.get(k) for k in want} == want and meta.get("tokenizer") == d.tokenizer:
-            return data_dir
-        print(f"re-preparing {data_dir}: its settings or pairs differ", file=sys.stderr)
+    if data.is_prepared(data_dir, want):
+        return data_dir
     print(f"preparing preference data {d.source!r} → {data_dir}", file=sys.stderr)
     meta = prepare_preferences(
         d.source, data_dir, tokenizer=tokenizer, val_fraction=d.val_fraction,

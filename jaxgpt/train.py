@@ -253,15 +253,8 @@ def ensure_data(exp: Experiment, data_root: Path, *, progress: bool = True) -> P
             )
         return data_dir
     want = data.wanted_settings(d.tokenizer, d.source, d.val_fraction, d.split_seed, d.split_chunk)
-    if (data_dir / "meta.json").is_file():
-        try:
-            if data.split_settings(data.load_meta(data_dir)) == want:
-                return data_dir
-        except InputError:
-            pass
-        print(
-            f"re-preparing {data_dir}: its settings differ from the experiment's", file=sys.stderr
-        )
+    if data.is_prepared(data_dir, want):
+        return data_dir
     print(f"preparing {d.source!r} → {data_dir} ({d.tokenizer} tokens)", file=sys.stderr)
     meta = data.prepare(
         d.source, data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction,
@@ -281,15 +274,11 @@ def ensure_chat_data(exp: Experiment, data_dir: Path, *, progress: bool = True) 
 
     d = exp.data
     want = {"version": chat_data.META_VERSION, "format": chat_data.FORMAT,
-            "tokenizer": d.tokenizer, "source": d.source, "val_fraction": d.val_fraction,
+            "tokenizer": d.tokenizer, "source": d.source,
+            "source_sha256": chat_data.source_digest(d.source), "val_fraction": d.val_fraction,
             "split_seed": d.split_seed}  # fmt: skip
-    if (data_dir / "meta.json").is_file():
-        meta = data.load_meta(data_dir)
-        if {k: meta.get(k) for k in want} == want:
-            return data_dir
-        print(
-            f"re-preparing {data_dir}: its settings differ from the experiment's", file=sys.stderr
-        )
+    if data.is_prepared(data_dir, want):
+        return data_dir
     print(f"preparing chat data {d.source!r} → {data_dir} ({d.tokenizer} tokens)", file=sys.stderr)
     meta = chat_data.prepare_chat(
         d.source, data_dir, tokenizer=d.tokenizer, val_fraction=d.val_fraction,

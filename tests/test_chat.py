@@ -3,6 +3,7 @@ growing GPT-2's vocabulary, and the Hugging Face export (tokenizer files + chat 
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -386,3 +387,26 @@ def test_added_tokens_must_follow_gpt2s_vocabulary(tmp_path):
     )
     with pytest.raises(CheckpointFormatError, match="adds tokens at ids \\[50300\\]"):
         load_hf_tokenizer(tmp_path)
+
+
+def test_chat_data_is_prepared_again_when_its_files_change(tmp_path, capsys):
+    from jaxgpt.experiment import DataSection, Experiment
+    from jaxgpt.train import ensure_data
+
+    source = tmp_path / "talk.jsonl"
+    line = '{"prompt": "Hi %d", "response": "Hello %d"}'
+    write_lines(source, [line % (i, i) for i in range(40)])
+    exp = Experiment(data=DataSection(dataset="talk", format="chat", source=str(source),
+                                      tokenizer="char", val_fraction=0.2))  # fmt: skip
+    data_dir = ensure_data(exp, tmp_path / "data", progress=False)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert ensure_data(exp, tmp_path / "data", progress=False) == data_dir  # current: kept
+    assert "re-preparing" not in capsys.readouterr().err
+    # Same path, same settings, other conversations: the old tokens must not be trained on.
+    write_lines(source, [line % (i, i) for i in range(40, 100)])
+    ensure_data(exp, tmp_path / "data", progress=False)
+    assert "re-preparing" in capsys.readouterr().err
+    again = json.loads((data_dir / "meta.json").read_text())
+    assert again["source_sha256"] != meta["source_sha256"]
+    total = again["train_conversations"] + again["val_conversations"]
+    assert total == 60
