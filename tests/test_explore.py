@@ -403,7 +403,7 @@ def test_the_page_in_headless_chromium(server, browser, model):
     assert "position 3 'o'" in driver.find_element(By.ID, "lens-position").text
     assert len(driver.find_elements(By.CSS_SELECTOR, "#lens tr")) == 1 + 3
 
-    if os.environ.get("JAXGPT_EXPLORE_SCREENSHOT"):  # docs/explore.png is made this way
+    if os.environ.get("JAXGPT_EXPLORE_SCREENSHOT"):  # the test's page, for a look
         chips[19].click()
         wait_ready(driver)
         driver.save_screenshot(os.environ["JAXGPT_EXPLORE_SCREENSHOT"])
