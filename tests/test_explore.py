@@ -230,6 +230,29 @@ def test_chat_streams_the_conversations_reply_and_reuses_its_cache(chat_server, 
     assert events[-1][1]["stats"]["turn"] == 1
 
 
+def test_a_page_that_goes_away_mid_reply_frees_its_session(chat_server):
+    import http.client
+
+    host, port = chat_server.removeprefix("http://").split(":")
+    body = {"session": "gone", "message": "Tell me a long story.", "max_new_tokens": 1024}
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/api/chat", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.read1(64).startswith(b"data: ")  # it streams
+    conn.sock.close()  # the browser tab closes mid-reply (1,024 tokens at most: far from done)
+    conn.close()
+    # The dropped stream must not leave the session "still streaming" for ever.
+    deadline = time.time() + 30
+    while True:
+        status, _, events = chat_stream(f"{chat_server}/api/chat", {
+            "session": "gone", "message": "Still there?", "max_new_tokens": 2})  # fmt: skip
+        if status == 200 or time.time() > deadline:
+            break
+        assert "still streaming" in events[0][1]["error"], events
+        time.sleep(0.2)
+    assert status == 200 and events[-1][0] == "done", events
+
+
 @pytest.mark.parametrize(
     "body, message",
     [

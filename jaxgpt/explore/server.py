@@ -23,13 +23,14 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import iterate_in_threadpool
 
 from jaxgpt.errors import JaxgptError
 from jaxgpt.explore.analysis import Explorer, session_id
@@ -67,6 +68,18 @@ def server_sent(events: Iterator[dict[str, Any]]) -> Iterator[str]:
     except Exception as err:  # the stream is the only way left to tell the page
         text = str(err) if isinstance(err, JaxgptError) else f"internal error: {err!r}"
         yield f"event: error\ndata: {json.dumps({'error': text})}\n\n"
+
+
+async def streamed(events: Generator[dict[str, Any], None, None], first: dict[str, Any]):
+    """`first`, then `events`, as server-sent events read in a worker thread. However the
+    stream ends — finished, or cancelled because the page went away mid-reply — `events` is
+    closed, which frees its chat session (left to the garbage collector, a dropped stream kept
+    the session "still streaming" indefinitely)."""
+    try:
+        async for text in iterate_in_threadpool(server_sent(itertools.chain([first], events))):
+            yield text
+    finally:
+        events.close()
 
 
 def create_app(explorer: Explorer) -> FastAPI:
@@ -141,7 +154,7 @@ def create_app(explorer: Explorer) -> FastAPI:
         events = chats.reply(session_id(data.get("session")), data)
         first = next(events)  # the prefill and first token: a bad message is a 400, not a stream
         return StreamingResponse(
-            server_sent(itertools.chain([first], events)),
+            streamed(events, first),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
