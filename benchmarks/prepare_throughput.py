@@ -6,13 +6,15 @@ characters each; about --mb MB), then times on it, best of --repeat runs each:
   baseline    one process: for each line, json.loads, tiktoken `encode_ordinary` of its text,
               <|endoftext|> + ids collected as uint16 arrays, written once (nanoGPT's prepare
               does this per document, per process)
+  numpy       the same with tiktoken's `encode_to_numpy` (no Python int per token), as jaxgpt's
+              workers tokenise: the yardstick for the parallel speed-up alone
   jaxgpt 1    `jaxgpt.data.prepare(..., tokenizer="gpt2", workers=1)`: shards + meta.json
   jaxgpt 2    the same with workers=2
 
-and prints a Markdown table: seconds, MB/s of JSONL in, million tokens/s out, the ratio to the
-baseline, and the CPU seconds used (this process and its workers: on a busy machine, the wall
-time says little, the CPU time still shows jaxgpt's own overhead). All three produce the same
-number of tokens (checked).
+and prints a Markdown table: seconds, MB/s of JSONL in, million tokens/s out, the ratios to the
+baseline and to the numpy single process, and the CPU seconds used (this process and its
+workers: on a busy machine, the wall time says little, the CPU time still shows jaxgpt's own
+overhead). All four produce the same number of tokens (checked).
 
     python benchmarks/prepare_throughput.py --mb 300            # the figure in docs/data.md
     python benchmarks/prepare_throughput.py --mb 50 --repeat 1  # a quick sanity check
@@ -70,6 +72,22 @@ def baseline(corpus: Path, out: Path) -> int:
     return len(tokens)
 
 
+def baseline_numpy(corpus: Path, out: Path) -> int:
+    """The same single process with tiktoken's `encode_to_numpy` (ids straight into an array,
+    as jaxgpt's workers do): what one process can do at best, the yardstick of the parallel
+    speed-up."""
+    encoding = get_tokenizer("gpt2")
+    arrays = []
+    eot = np.array([EOT], np.uint16)
+    with corpus.open(encoding="utf-8") as f:
+        for line in f:
+            ids = encoding.encode_to_numpy(json.loads(line)["text"], disallowed_special=())
+            arrays += [eot, ids.astype(np.uint16)]
+    tokens = np.concatenate(arrays)
+    tokens.tofile(out / "tokens.bin")
+    return len(tokens)
+
+
 def jaxgpt_prepare(workers: int):
     def run(corpus: Path, out: Path) -> int:
         meta = prepare(corpus, out, tokenizer="gpt2", workers=workers, progress=False)
@@ -108,6 +126,7 @@ def main() -> None:
         corpus = work / "corpus.jsonl"
         size = make_corpus(corpus, args.mb)
         methods = {"baseline (1 process, encode_ordinary per document)": baseline,
+                   "1 process, encode_to_numpy per document": baseline_numpy,
                    "jaxgpt prepare --workers 1": jaxgpt_prepare(1),
                    "jaxgpt prepare --workers 2": jaxgpt_prepare(2)}  # fmt: skip
         best: dict[str, float] = {}
@@ -126,19 +145,23 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tokens = next(iter(counts.values()))
-    base = best[next(iter(methods))]
+    base, numpy_base = (best[name] for name in list(methods)[:2])
     print(f"{size / 1e6:.0f} MB of JSONL, {tokens / 1e6:.1f}M tokens; {cpu_name()}, "
           f"{os.cpu_count()} cores; best of {args.repeat}\n")  # fmt: skip
-    print("| method | seconds | MB/s in | M tokens/s out | vs baseline | CPU s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| method | seconds | MB/s in | M tokens/s out | vs baseline | vs numpy 1 process | CPU s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name, seconds in best.items():
         r = {"method": name, "seconds": seconds, "mb_per_s": size / 1e6 / seconds,
              "mtokens_per_s": tokens / 1e6 / seconds, "speedup": base / seconds,
+             "speedup_vs_numpy": numpy_base / seconds,
              "cpu_seconds": cpu[name]}  # fmt: skip
         rows.append(r)
         print(f"| {name} | {seconds:.1f} | {r['mb_per_s']:.1f} | {r['mtokens_per_s']:.2f} | "
-              f"{r['speedup']:.2f}× | {r['cpu_seconds']:.1f} |")  # fmt: skip
+              f"{r['speedup']:.2f}× | {r['speedup_vs_numpy']:.2f}× | "
+              f"{r['cpu_seconds']:.1f} |")  # fmt: skip
     if args.json:
         record = {"bytes": size, "tokens": tokens, "cpu": cpu_name(), "rows": rows}
         args.json.write_text(json.dumps(record, indent=1))

@@ -66,9 +66,11 @@ def _init_worker() -> None:
 
 def tokenize_chunk(parts: list, field: str, missing: str, errors: str) -> Tokenized:
     """Parse and tokenise one chunk (runs in a worker process)."""
-    encode = get_tokenizer("gpt2").encode_ordinary
+    encoding = get_tokenizer("gpt2")
     docs = documents.chunk_documents(parts, field, missing, errors)
-    ids = [encode(text) for text in docs.texts]
+    # = `encode_ordinary` (no special tokens: "<|endoftext|>" in a text is ordinary text), but
+    # straight into a uint32 array: no Python int per token (≈ 15 % of the tokenizing time).
+    ids = [encoding.encode_to_numpy(text, disallowed_special=()) for text in docs.texts]
     doc_lens = np.fromiter((len(x) + 1 for x in ids), np.int64, len(ids))
     tokens = np.empty(int(doc_lens.sum()), np.uint16)
     start = 0

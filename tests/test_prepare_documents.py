@@ -24,12 +24,16 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "w
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
-    """n documents of varied length, some with non-ASCII text and newlines."""
+    """n documents of varied length, some with non-ASCII text and newlines, some with the text
+    "<|endoftext|>" (tokenised as ordinary text, never as the separator)."""
     rng = np.random.default_rng(seed)
     docs = []
     for i in range(n):
         words = rng.choice(WORDS, size=int(rng.integers(3, 60)))
-        docs.append(f"Doc {i}: " + " ".join(words) + (" café ☕\n\nend." if i % 5 == 0 else "."))
+        tail = " café ☕\n\nend." if i % 5 == 0 else "."
+        if i % 7 == 3:  # the special token's text is ordinary text in a document
+            tail += " <|endoftext|> is text here."
+        docs.append(f"Doc {i}: " + " ".join(words) + tail)
     return docs
 
 
