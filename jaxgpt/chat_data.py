@@ -91,8 +91,7 @@ def prepare_chat(
             "version": META_VERSION, "format": FORMAT, "tokenizer": tok.name,
             "tokenizer_spec": tokenizer_to_json(tok), "vocab_size": tok.n_vocab,
             "dtype": dtype.name, "source": str(source), "source_sha256": source_digest(source),
-            "val_fraction": val_fraction,
-            "split_seed": split_seed, **counts,
+            "val_fraction": val_fraction, "split_seed": split_seed, **counts,
         }  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     return meta

@@ -28,8 +28,8 @@ product runs along the kernel's contiguous axis, as the logits already do agains
 on XLA:CPU that reads the weights faster (GPT-2 124M, batch 1: 80.7 % of the weight-read bound
 against 74.8 % for `[in, out]`, docs/benchmarks.md). Training keeps `[in, out]` (its matmuls are
 matrix–matrix products, and checkpoints and Hugging Face exports use that layout); the commands
-that decode (`jaxgpt sample`, `chat`, `explore`, `pairs`, `bench decode`) lay the weights out
-once when they load them.
+that decode one row at a time (`jaxgpt sample`, `chat`, `explore`, `bench decode`) lay the
+weights out once when they load them.
 """
 
 from __future__ import annotations
