@@ -1,12 +1,18 @@
 """RLHF with PPO on the arithmetic chat demo: the SFT run, tuned against a reward model.
 
     jaxgpt train chat_sft                         # the policy to start from (runs/chat_sft)
-    jaxgpt train chat_ppo --set rl.reward_model=runs/chat_rm
+    jaxgpt pairs --model runs/chat_sft --out data/chat_rm_pairs.jsonl --n-prompts 8000 \
+        --samples 8 --max-pairs 4
+    jaxgpt train chat_rm                          # the reward model (runs/chat_rm)
+    jaxgpt train chat_ppo                         # PPO against runs/chat_rm
 
 Each step samples one answer to each of 64 arithmetic prompts (never a held-out problem), scores
 them with the frozen reward model, and takes 2 epochs × 2 minibatches of PPO updates with a KL
-penalty against the SFT model. `--set rl.reward=arithmetic` uses the verifier as the reward
-instead; `--set rl.beta=0` shows what the KL penalty prevents. Figures in docs/chat.md.
+penalty against the SFT model. β = 0.5 and lr 5e-6 keep the policy within ≈ 0.1 nat of the SFT
+model: against a reward model of 70.6 % pairwise accuracy that gave 92.0 % held-out (SFT 86.0 %);
+β = 0.2, lr 1e-5 let it find the reward model's blind spots (79.2 %). `--set rl.reward=arithmetic
+--set optim.lr=3e-5 --set rl.beta=0.05` uses the verifier as the reward (93.0 %);
+`--set rl.beta=0` shows what the KL penalty prevents. Figures in docs/chat.md.
 """
 
 from jaxgpt.experiment import (
@@ -30,13 +36,13 @@ EXPERIMENT = Experiment(
         tokenizer="char",
         batch_size=64,
     ),
-    optim=OptimSection(lr=3e-5, weight_decay=0.0, grad_clip=1.0),
+    optim=OptimSection(lr=5e-6, weight_decay=0.0, grad_clip=1.0),
     schedule=ScheduleSection(max_steps=80, warmup_steps=5, min_lr_ratio=1.0),
     rl=RLSection(
         reference="runs/chat_sft",
         reward="model",
         reward_model="runs/chat_rm",
-        beta=0.05,
+        beta=0.5,
         epochs=2,
         minibatches=2,
         gen_tokens=32,

@@ -1,13 +1,15 @@
 """A reward model for the arithmetic chat demo: the SFT model's trunk learns to score answers.
 
     jaxgpt train chat_sft                                                # part 1: runs/chat_sft
-    jaxgpt pairs --model runs/chat_sft --out data/chat_rm_pairs.jsonl --n-prompts 8000
+    jaxgpt pairs --model runs/chat_sft --out data/chat_rm_pairs.jsonl --n-prompts 8000 \
+        --samples 8 --max-pairs 4
     jaxgpt train chat_rm
     jaxgpt score --model runs/chat_rm --input runs/chat_rm/held_out_pairs.jsonl
 
 The pairs are the SFT model's own answers to 8,000 training problems, a right one chosen over a
 wrong one by the verifier (built like DPO's, `experiments/chat_dpo.py`, from 4x the prompts: on
-2,000 the reward model learnt the training pairs but not the val ones). The reward
+2,000 the reward model learnt the training pairs but not the val ones; 8 samples and up to 4
+pairs per prompt give 7,886 pairs in ≈ 2 min). The reward
 model starts from the SFT run's trunk with a new scalar head (`model.head = "reward"`) and learns
 the Bradley–Terry loss on the score read at each answer's `<|end|>`. Its pairwise accuracy is
 measured on the val pairs (prompts never trained on) and on pairs built the same way from 500
@@ -38,7 +40,7 @@ EXPERIMENT = Experiment(
         batch_size=32,
     ),
     optim=OptimSection(lr=3e-4, weight_decay=0.0, grad_clip=1.0),
-    schedule=ScheduleSection(max_steps=500, warmup_steps=20, min_lr_ratio=0.1),
+    schedule=ScheduleSection(max_steps=1000, warmup_steps=20, min_lr_ratio=0.1),
     eval=EvalSection(interval=100, batches=4, log_interval=10, sample_tokens=0),
     checkpoint=CheckpointSection(interval=100, keep=2),
 )
