@@ -26,10 +26,10 @@ is dequantized ahead of time, so the bytes a step reads are the int8 ones.
 Batch-1 decoding multiplies one row by each kernel. With the kernel stored `[out, in]` the
 product runs along the kernel's contiguous axis, as the logits already do against `wte [V, D]`;
 on XLA:CPU that reads the weights faster (GPT-2 124M, batch 1, idle 2-core Xeon: 81.8 % of the
-weight-read bound against 76.1 % for `[in, out]`, docs/benchmarks.md). Training keeps `[in, out]` (its matmuls are
-matrix–matrix products, and checkpoints and Hugging Face exports use that layout); the commands
-that decode one row at a time (`jaxgpt sample`, `chat`, `explore`, `bench decode`) lay the
-weights out once when they load them.
+weight-read bound against 76.1 % for `[in, out]`, docs/benchmarks.md). Training keeps
+`[in, out]` (its matmuls are matrix–matrix products, and checkpoints and Hugging Face exports use
+that layout); the commands that decode one row at a time (`jaxgpt sample`, `chat`, `explore`,
+`bench decode`) lay the weights out once when they load them.
 """
 
 from __future__ import annotations
