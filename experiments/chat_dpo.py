@@ -1,11 +1,13 @@
 """DPO on the arithmetic chat demo: the SFT model learns from its own ranked answers.
 
     jaxgpt train chat_sft                                              # part 1: runs/chat_sft
-    jaxgpt pairs --model runs/chat_sft --out data/chat_arithmetic_pairs.jsonl --temperature 0.6
+    jaxgpt pairs --model runs/chat_sft --out data/chat_rm_pairs.jsonl --n-prompts 8000 \
+        --samples 8 --max-pairs 4
     jaxgpt train chat_dpo
 
-`jaxgpt pairs` samples 4 answers to each of 2,000 training problems from the SFT model, scores
-them with the verifier and pairs a right answer with a wrong one (a prompt whose answers are all
+DPO learns from the reward model's pairs (`experiments/chat_rm.py`): `jaxgpt pairs` samples 8
+answers to each of 8,000 training problems from the SFT model, scores them with the verifier and
+pairs a right answer with a wrong one, up to 4 pairs a prompt (a prompt whose answers are all
 right, or all wrong, gives no pair). DPO then starts from the SFT run, which is also its frozen
 reference, and raises the right answers' log-probability relative to the wrong ones' (with the
 right answers' negative log-likelihood added to the loss, `dpo.nll_weight`). No
@@ -26,12 +28,13 @@ from jaxgpt.experiment import (
 
 EXPERIMENT = Experiment(
     name="chat_dpo",
-    # The shape comes from the SFT run; 64 tokens hold every prompt + answer of the demo.
-    model=ModelSection(block_size=64, dropout=0.0, init="runs/chat_sft"),
+    # The shape comes from the SFT run; 72 tokens hold every prompt + answer of the pairs.
+    model=ModelSection(block_size=72, dropout=0.0, init="runs/chat_sft"),
     data=DataSection(
-        dataset="chat_arithmetic_pairs",
+        # The reward model's pairs, prepared once for both stages (the same settings).
+        dataset="chat_rm_pairs",
         format="preference",
-        source="data/chat_arithmetic_pairs.jsonl",
+        source="data/chat_rm_pairs.jsonl",
         tokenizer="char",
         val_fraction=0.05,
         batch_size=32,

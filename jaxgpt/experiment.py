@@ -12,6 +12,7 @@ It has these sections, each a frozen dataclass:
     checkpoint  how often to save and how many checkpoints to keep
     parallel    how the step is laid out on devices
     dpo         direct preference optimisation (runs on preference data): β and the reference
+    reward      the reward model (preference data with model.head="reward"): its auxiliary loss
     rl          the PPO stage (RLHF): reference policy, reward, KL penalty, the clipped update
 
 Any field can be overridden on the command line with `--set section.field=value`; values are
@@ -194,6 +195,20 @@ class DPOSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardSection:
+    """The reward model, the objective of preference data with `model.head = "reward"`.
+
+    Attributes:
+      nll_weight: adds this multiple of the chosen answers' next-token loss (through the tied
+        output layer of the same pass) to the Bradley–Terry loss; 0 = the pairwise loss alone.
+        See `jaxgpt.objectives.reward`.
+    """
+
+    nll_weight: float = 0.0
+    first_difference_weight: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class RLSection:
     """RLHF with PPO (`jaxgpt.rlhf`), used when `data.format="prompts"`; docs/chat.md.
 
@@ -244,6 +259,7 @@ class Experiment:
     checkpoint: CheckpointSection = CheckpointSection()
     parallel: ParallelSection = ParallelSection()
     dpo: DPOSection = DPOSection()
+    reward: RewardSection = RewardSection()
     rl: RLSection = RLSection()
 
     def __post_init__(self) -> None:
@@ -365,9 +381,9 @@ def validate(exp: Experiment) -> None:
     beta = exp.dpo.beta
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
         raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta!r}")
-    nll = exp.dpo.nll_weight
-    if not isinstance(nll, (int, float)) or isinstance(nll, bool) or not 0 <= nll < math.inf:
-        raise ConfigError(f"dpo.nll_weight must be a finite number >= 0, got {nll!r}")
+    for name, nll in (("dpo", exp.dpo.nll_weight), ("reward", exp.reward.nll_weight)):
+        if not isinstance(nll, (int, float)) or isinstance(nll, bool) or not 0 <= nll < math.inf:
+            raise ConfigError(f"{name}.nll_weight must be a finite number >= 0, got {nll!r}")
     if exp.dpo.tokens not in DPO_TOKENS:
         raise ConfigError(f"dpo.tokens must be one of {DPO_TOKENS}, got {exp.dpo.tokens!r}")
     if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:

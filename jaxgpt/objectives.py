@@ -38,7 +38,7 @@ from jaxgpt import heads
 from jaxgpt.config import GPTConfig
 from jaxgpt.errors import ConfigError
 from jaxgpt.eval import logprobs
-from jaxgpt.model import forward
+from jaxgpt.model import forward, hidden_states, output_logits
 from jaxgpt.packing import loss_weights
 from jaxgpt.params import Params
 
@@ -183,15 +183,19 @@ def get_objective(
     nll_weight: float = 0.0,
     first_difference: bool = False,
     freeze_embeddings: bool = False,
+    first_difference_weight: float = 0.0,
 ) -> Objective:
     """The objective registered as `name`; for "dpo", with `beta` (default 0.1), `nll_weight`
-    (default 0), `first_difference` and `freeze_embeddings` (default False) bound.
+    (default 0), `first_difference` and `freeze_embeddings` (default False) bound; for "reward",
+    with `nll_weight`.
 
     The same settings give the same function object, so the compiled step is reused.
     """
     if name not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
     options = (float(nll_weight), bool(first_difference), bool(freeze_embeddings))
+    if name == "reward" and (nll_weight or first_difference_weight):
+        return _reward_with(float(nll_weight), float(first_difference_weight))
     if name == "dpo" and (beta is not None or any(options)):
         return _dpo_with(0.1 if beta is None else float(beta), *options)
     return OBJECTIVES[name]
@@ -203,6 +207,13 @@ def _dpo_with(beta: float, nll_weight: float, first_difference: bool, freeze: bo
         dpo, beta=beta, nll_weight=nll_weight, first_difference=first_difference,
         freeze_embeddings=freeze,
     )  # fmt: skip
+
+
+@functools.cache
+def _reward_with(nll_weight: float, first_difference_weight: float) -> Objective:
+    return functools.partial(
+        reward, nll_weight=nll_weight, first_difference_weight=first_difference_weight
+    )
 
 
 def split_aux(aux: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -230,7 +241,13 @@ def pairwise_reward_loss(
 
 
 def reward(
-    params: Params, batch: dict[str, jax.Array], config: GPTConfig, key: jax.Array | None
+    params: Params,
+    batch: dict[str, jax.Array],
+    config: GPTConfig,
+    key: jax.Array | None,
+    *,
+    nll_weight: float = 0.0,
+    first_difference_weight: float = 0.0,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """A reward model's Bradley–Terry loss on a batch of preference pairs.
 
@@ -240,27 +257,65 @@ def reward(
     its answer's last token, the `<|end|>` (`heads.sequence_scores` at `heads.last_index` of the
     mask), on the first T tokens of the row: the model has T positions, and the reward model's
     data is checked to fit them (`jaxgpt.reward_model.check_fits`). Both sides go through the
-    model as one `[2B, T]` batch. Returns (mean `pairwise_reward_loss` over the B pairs,
-    (B, metrics)): `reward_accuracy` (how often the chosen answer scores higher),
-    `reward_margin` (mean r_chosen - r_rejected), `reward_chosen` and `reward_rejected`.
+    model as one `[2B, T]` batch.
+
+    Two optional terms, read from the same pass, help the trunk learn to score (docs/chat.md):
+    `first_difference_weight` × the same pairwise loss on the scores at the first token where
+    the two conversations differ (`first_difference_loss`), and `nll_weight` × the chosen
+    answers' next-token loss through the tied output layer (`nll_chosen`).
+
+    Returns (the loss: the mean `pairwise_reward_loss` over the B pairs plus the weighted terms,
+    (B, metrics)): `pairwise_loss` (the Bradley–Terry loss alone), `reward_accuracy` (how often
+    the chosen answer scores higher), `reward_margin` (mean r_chosen - r_rejected),
+    `reward_chosen` and `reward_rejected`.
     """
     B = batch["chosen"].shape[0]
     tokens_2BT1 = jnp.concatenate([batch["chosen"], batch["rejected"]])
     mask_2BT1 = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
     T = tokens_2BT1.shape[1] - 1
+    h_2BTD = hidden_states(params, tokens_2BT1[:, :T], config, train=key is not None, key=key)
+    scores_2BT = heads.scalar_head(params["score_head"], h_2BTD, config)
     last_2B = jnp.minimum(heads.last_index(mask_2BT1), T - 1)
-    r_2B = heads.sequence_scores(
-        params, tokens_2BT1[:, :T], last_2B, config, train=key is not None, key=key
-    )
+    r_2B = jnp.take_along_axis(scores_2BT, last_2B[:, None], axis=1)[:, 0]
     chosen_B, rejected_B = r_2B[:B], r_2B[B:]
     loss, accuracy = pairwise_reward_loss(chosen_B, rejected_B)
     metrics = {
+        "pairwise_loss": loss,
         "reward_accuracy": accuracy,
         "reward_margin": (chosen_B - rejected_B).mean(),
         "reward_chosen": chosen_B.mean(),
         "reward_rejected": rejected_B.mean(),
     }
+    if first_difference_weight:
+        metrics["first_difference_loss"] = first_difference_loss(scores_2BT, batch)
+        loss = loss + first_difference_weight * metrics["first_difference_loss"]
+    if nll_weight:
+        logits_BTV = output_logits(params, h_2BTD[:B], config)
+        targets_BT, answer_BT = batch["chosen"][:, 1:], batch["chosen_mask"][:, 1:]
+        metrics["nll_chosen"], _ = masked_next_token_loss(logits_BTV, targets_BT, answer_BT)
+        loss = loss + nll_weight * metrics["nll_chosen"]
     return loss, (jnp.float32(B), metrics)
+
+
+def first_difference_loss(scores_2BT: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """The pairwise loss of the scores read at the first token where chosen and rejected differ.
+
+    `scores_2BT` are the scores after each token of the chosen rows then the rejected ones (as
+    `reward` computes them), `batch` the pairs. Both rows share everything before that token, so
+    the score there judges that one token in one context. A pair whose token there is outside
+    either answer (one side already ended: padding against a token) is left out; the mean is
+    over the rest (0 if none).
+    """
+    B, T = batch["chosen"].shape[0], scores_2BT.shape[1]
+    first_B = jnp.argmax(batch["chosen"] != batch["rejected"], axis=-1)
+    in_answers_B = (
+        jnp.take_along_axis(batch["chosen_mask"], first_B[:, None], axis=1)[:, 0]
+        * jnp.take_along_axis(batch["rejected_mask"], first_B[:, None], axis=1)[:, 0]
+    ) > 0
+    at_2B = jnp.minimum(jnp.concatenate([first_B, first_B]), T - 1)
+    r_2B = jnp.take_along_axis(scores_2BT, at_2B[:, None], axis=1)[:, 0]
+    loss, _ = masked_mean(-jax.nn.log_sigmoid(r_2B[:B] - r_2B[B:]), in_answers_B)
+    return loss
 
 
 OBJECTIVES["reward"] = reward

@@ -558,9 +558,11 @@ def data_stage(exp: Experiment, data_root: Path, mesh: Mesh, *, progress: bool) 
     )
     objective_name = "reward" if reward_stage else source.objective
     objective = get_objective(
-        objective_name, beta=exp.dpo.beta, nll_weight=exp.dpo.nll_weight,
+        objective_name, beta=exp.dpo.beta,
+        nll_weight=exp.reward.nll_weight if reward_stage else exp.dpo.nll_weight,
         first_difference=exp.dpo.tokens == "first_difference",
         freeze_embeddings=exp.dpo.freeze_embeddings,
+        first_difference_weight=exp.reward.first_difference_weight if reward_stage else 0.0,
     )  # fmt: skip
     arithmetic_task = exp.data.source == "arithmetic" or meta.get("task") == "arithmetic"
     rows = sharding.host_rows(B)  # this process reads only its share of every batch

@@ -110,6 +110,58 @@ def test_reward_objective_equals_a_numpy_computation(prepared):
     assert objectives.get_objective("reward") is objectives.reward
 
 
+def _numpy_auxiliary_terms(params, batch, config):
+    """`reward`'s two optional terms written out in NumPy: the Bradley–Terry loss of the scores
+    read at the first token where chosen and rejected differ (pairs where either side is outside
+    its answer there left out), and the chosen answers' mean next-token loss through the tied
+    embedding."""
+    head = params["score_head"]
+    w_D, b = np.asarray(head["kernel"])[:, 0], float(head["bias"][0])
+    trunk = {k: v for k, v in params.items() if k != "score_head"}
+    lm = config.replace(head="lm")
+    h = {}
+    for side in ("chosen", "rejected"):
+        T = batch[side].shape[1] - 1
+        h[side] = np.asarray(hidden_states(trunk, batch[side][:, :T], lm), np.float64)
+    losses = []
+    for i, (c, r) in enumerate(zip(batch["chosen"], batch["rejected"])):
+        t = int(np.nonzero(c != r)[0][0])
+        if batch["chosen_mask"][i, t] and batch["rejected_mask"][i, t]:
+            margin = (h["chosen"][i, t] - h["rejected"][i, t]) @ w_D
+            losses.append(np.log1p(np.exp(-margin)))
+    wte = np.asarray(params["wte"], np.float64)
+    nll = []
+    for i, c in enumerate(batch["chosen"]):
+        for t in np.nonzero(batch["chosen_mask"][i, 1:])[0]:
+            logits = h["chosen"][i, t] @ wte.T
+            top = logits.max()
+            nll.append(top + np.log(np.exp(logits - top).sum()) - logits[c[t + 1]])
+    del b  # the bias cancels in a difference
+    return np.mean(losses), len(losses), np.mean(nll)
+
+
+def test_reward_objective_auxiliary_terms_equal_numpy(prepared):
+    data_dir, tok = prepared
+    config = CONFIG.replace(vocab_size=tok.n_vocab)
+    params = init_params(config, jax.random.key(3))
+    params["score_head"]["kernel"] = params["score_head"]["kernel"] * 50
+    batch = {k: v[0] for k, v in get_pair_batch(load_pairs(data_dir, "train"), 6, 40, 0, 0).items()}
+    plain, _ = objectives.reward(params, batch, config, None)
+    want_first, pairs, want_nll = _numpy_auxiliary_terms(params, batch, config)
+    assert pairs >= 4 and want_first > 0.05 and want_nll > 1.0  # both terms mean something
+    objective = objectives.get_objective("reward", nll_weight=0.5, first_difference_weight=2.0)
+    assert objective is objectives.get_objective(
+        "reward", nll_weight=0.5, first_difference_weight=2.0
+    )  # the same settings reuse the compiled step
+    loss, (_, metrics) = jax.jit(objective, static_argnums=2)(params, batch, config, None)
+    np.testing.assert_allclose(float(metrics["pairwise_loss"]), float(plain), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["first_difference_loss"]), want_first, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["nll_chosen"]), want_nll, rtol=1e-4)
+    np.testing.assert_allclose(
+        float(loss), float(plain) + 0.5 * want_nll + 2.0 * want_first, rtol=1e-4
+    )
+
+
 # --------------------------------------------------------------------------- scoring
 
 
