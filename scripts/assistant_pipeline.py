@@ -16,8 +16,8 @@ Runs, in a fresh working directory (so that no earlier run is resumed and none i
 then prints the per-stage table of docs/chat.md — held-out accuracy (500 problems A ≡ B mod 7,
 ± one standard error), the reward model's pairwise accuracy on held-out pairs, the KL to the SFT
 model, and each command's wall time — and writes it with every command's figures to
-`pipeline.json` in the working directory. A failed command stops the pipeline (exit 1) and
-leaves what ran before it as it was.
+`pipeline.json` in the working directory. A failed command stops the pipeline (exit 1), Ctrl-C
+too (exit 130; the running command saves its run first), and what ran before stays as it was.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -157,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         rows = run_pipeline(args.workdir)
-    except subprocess.CalledProcessError as e:
-        print(f"assistant_pipeline: a stage failed (exit {e.returncode}): {e.cmd}", file=sys.stderr)
+    except (KeyboardInterrupt, subprocess.CalledProcessError) as e:
+        # Ctrl-C reaches the running command too: it saves its run and exits 130.
+        if isinstance(e, KeyboardInterrupt) or e.returncode in (130, -signal.SIGINT):
+            print(f"assistant_pipeline: interrupted; runs are in {args.workdir}", file=sys.stderr)
+            return 130
+        command = " ".join(str(part) for part in e.cmd[2:])  # without the python -m
+        print(f"assistant_pipeline: `{command}` failed (exit {e.returncode})", file=sys.stderr)
         return 1
     print("\n" + table(rows))
     print(f"\nfigures and commands: {args.workdir / 'pipeline.json'}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,21 @@ def test_table_is_printed_again_from_a_workdir(pipeline, tmp_path, capsys):
     assert lines[2] == "| DPO + NLL | 94.4 % ± 1.0 | — | 0.32 | 62 s |"
     assert pipeline.main(["--workdir", str(tmp_path / "none"), "--table"]) == 2
     assert "holds no pipeline.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("returncode", "want_exit", "want"),
+    [(130, 130, "interrupted; runs are in"), (2, 1, "`jaxgpt train chat_rm` failed (exit 2)")],
+)
+def test_a_stage_that_fails_or_is_interrupted_stops_with_one_line(
+    pipeline, tmp_path, capsys, monkeypatch, returncode, want_exit, want
+):
+    command = [sys.executable, "-m", "jaxgpt", "train", "chat_rm"]
+
+    def failing(workdir, **kwargs):
+        raise subprocess.CalledProcessError(returncode, command)
+
+    monkeypatch.setattr(pipeline, "run_pipeline", failing)
+    assert pipeline.main(["--workdir", str(tmp_path / "new")]) == want_exit
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0]
