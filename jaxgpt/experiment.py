@@ -200,8 +200,10 @@ class RewardSection:
 
     Attributes:
       nll_weight: adds this multiple of the chosen answers' next-token loss (through the tied
-        output layer of the same pass) to the Bradley–Terry loss; 0 = the pairwise loss alone.
-        See `jaxgpt.objectives.reward`.
+        output layer of the same pass) to the Bradley–Terry loss.
+      first_difference_weight: adds this multiple of the Bradley–Terry loss of the scores read
+        at the first token where chosen and rejected differ (`objectives.first_difference_loss`).
+    Both 0 = the pairwise loss at the answer's `<|end|>` alone; see `jaxgpt.objectives.reward`.
     """
 
     nll_weight: float = 0.0
@@ -381,9 +383,14 @@ def validate(exp: Experiment) -> None:
     beta = exp.dpo.beta
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta < math.inf:
         raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta!r}")
-    for name, nll in (("dpo", exp.dpo.nll_weight), ("reward", exp.reward.nll_weight)):
-        if not isinstance(nll, (int, float)) or isinstance(nll, bool) or not 0 <= nll < math.inf:
-            raise ConfigError(f"{name}.nll_weight must be a finite number >= 0, got {nll!r}")
+    weights = {
+        "dpo.nll_weight": exp.dpo.nll_weight,
+        "reward.nll_weight": exp.reward.nll_weight,
+        "reward.first_difference_weight": exp.reward.first_difference_weight,
+    }
+    for name, w in weights.items():
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w < math.inf:
+            raise ConfigError(f"{name} must be a finite number >= 0, got {w!r}")
     if exp.dpo.tokens not in DPO_TOKENS:
         raise ConfigError(f"dpo.tokens must be one of {DPO_TOKENS}, got {exp.dpo.tokens!r}")
     if exp.dpo.reference_logprobs not in REFERENCE_LOGPROBS:

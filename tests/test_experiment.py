@@ -88,6 +88,10 @@ def test_bool_and_string_values():
         ("data.errors=ignore", "data.errors must be one of"),
         ("data.split_seed=-1", "data.split_seed must be an integer >= 0"),
         ("data.seed=-1", "data.seed must be an integer >= 0"),
+        ("dpo.nll_weight=-1", "dpo.nll_weight must be a finite number >= 0"),
+        ("reward.nll_weight=nan", "reward.nll_weight must be a finite number >= 0"),
+        ("reward.first_difference_weight=-0.5", "reward.first_difference_weight must be a finite"),
+        ("reward.first_difference_weight=inf", "reward.first_difference_weight must be a finite"),
     ],
 )
 def test_bad_overrides(assignment, message):
