@@ -57,8 +57,12 @@ def sequence_scores(
 ) -> jax.Array:
     """The reward of each row, float32 `[B]`: the score read at index `last_B` (the answer's last
     token, e.g. its `<|end|>`; see `last_index`). Keyword arguments as for `scores`."""
-    scores_BT = scores(params, tokens_BT, config, **kwargs)
-    return jnp.take_along_axis(scores_BT, last_B[:, None].astype(jnp.int32), axis=1)[:, 0]
+    return read_at(scores(params, tokens_BT, config, **kwargs), last_B)
+
+
+def read_at(values_BT: jax.Array, index_B: jax.Array) -> jax.Array:
+    """`values_BT[b, index_B[b]]` for each row b: `[B, T]` → `[B]`."""
+    return jnp.take_along_axis(values_BT, index_B[:, None].astype(jnp.int32), axis=1)[:, 0]
 
 
 def last_index(mask_BT: jax.Array) -> jax.Array:

@@ -187,7 +187,7 @@ def get_objective(
 ) -> Objective:
     """The objective registered as `name`; for "dpo", with `beta` (default 0.1), `nll_weight`
     (default 0), `first_difference` and `freeze_embeddings` (default False) bound; for "reward",
-    with `nll_weight`.
+    with `nll_weight` and `first_difference_weight` (default 0) bound.
 
     The same settings give the same function object, so the compiled step is reused.
     """
@@ -254,10 +254,10 @@ def reward(
     `batch` holds `chosen` and `rejected` (int32 `[B, T+1]` conversations, right-padded) and
     their `*_mask` (1 on the final answer's tokens and its `<|end|>`; see
     `jaxgpt.preferences.get_pair_batch`). Each conversation's reward is the score head read at
-    its answer's last token, the `<|end|>` (`heads.sequence_scores` at `heads.last_index` of the
-    mask), on the first T tokens of the row: the model has T positions, and the reward model's
-    data is checked to fit them (`jaxgpt.reward_model.check_fits`). Both sides go through the
-    model as one `[2B, T]` batch.
+    its answer's last token, the `<|end|>` (`heads.last_index` of the mask, as
+    `heads.sequence_scores` reads it), on the first T tokens of the row: the model has T
+    positions, and the reward model's data is checked to fit them
+    (`jaxgpt.reward_model.check_fits`). Both sides go through the model as one `[2B, T]` batch.
 
     Two optional terms, read from the same pass, help the trunk learn to score (docs/chat.md):
     `first_difference_weight` × the same pairwise loss on the scores at the first token where
@@ -276,7 +276,7 @@ def reward(
     h_2BTD = hidden_states(params, tokens_2BT1[:, :T], config, train=key is not None, key=key)
     scores_2BT = heads.scalar_head(params["score_head"], h_2BTD, config)
     last_2B = jnp.minimum(heads.last_index(mask_2BT1), T - 1)
-    r_2B = jnp.take_along_axis(scores_2BT, last_2B[:, None], axis=1)[:, 0]
+    r_2B = heads.read_at(scores_2BT, last_2B)
     chosen_B, rejected_B = r_2B[:B], r_2B[B:]
     loss, accuracy = pairwise_reward_loss(chosen_B, rejected_B)
     metrics = {
@@ -309,11 +309,10 @@ def first_difference_loss(scores_2BT: jax.Array, batch: dict[str, jax.Array]) ->
     B, T = batch["chosen"].shape[0], scores_2BT.shape[1]
     first_B = jnp.argmax(batch["chosen"] != batch["rejected"], axis=-1)
     in_answers_B = (
-        jnp.take_along_axis(batch["chosen_mask"], first_B[:, None], axis=1)[:, 0]
-        * jnp.take_along_axis(batch["rejected_mask"], first_B[:, None], axis=1)[:, 0]
+        heads.read_at(batch["chosen_mask"], first_B)
+        * heads.read_at(batch["rejected_mask"], first_B)
     ) > 0
-    at_2B = jnp.minimum(jnp.concatenate([first_B, first_B]), T - 1)
-    r_2B = jnp.take_along_axis(scores_2BT, at_2B[:, None], axis=1)[:, 0]
+    r_2B = heads.read_at(scores_2BT, jnp.minimum(jnp.concatenate([first_B, first_B]), T - 1))
     loss, _ = masked_mean(-jax.nn.log_sigmoid(r_2B[:B] - r_2B[B:]), in_answers_B)
     return loss
 

@@ -66,6 +66,11 @@ def stage_figures(report: dict) -> dict:
     }
 
 
+def figures_of(run_dir: Path) -> dict:
+    """`stage_figures` of the report.json in `run_dir`."""
+    return stage_figures(json.loads((run_dir / "report.json").read_text()))
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of docs/chat.md from `run_pipeline`'s rows."""
 
@@ -101,7 +106,7 @@ def run_pipeline(workdir: Path, *, log=print) -> list[dict]:
         row = {"stage": name, "command": "jaxgpt " + " ".join(args)}
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         if run is not None:
-            row["figures"] = stage_figures(json.loads((workdir / run / "report.json").read_text()))
+            row["figures"] = figures_of(workdir / run)
         rows.append(row)
         (workdir / "pipeline.json").write_text(json.dumps({"stages": rows}, indent=1) + "\n")
     return rows
@@ -115,7 +120,7 @@ def rows_of(workdir: Path) -> list[dict]:
     for row in rows:
         run = runs.get(row["stage"])
         if run is not None:
-            row["figures"] = stage_figures(json.loads((workdir / run / "report.json").read_text()))
+            row["figures"] = figures_of(workdir / run)
     return rows
 
 
